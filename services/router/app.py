@@ -1,0 +1,36 @@
+"""Builds the router: broker, subscriber, ops endpoints."""
+
+from __future__ import annotations
+
+from faststream.asgi import AsgiFastStream
+from prometheus_client import CollectorRegistry
+
+from services.router.config import RouterSettings
+from services.router.handlers import register_handlers
+from shared.kafka import ensure_topics, make_broker
+from shared.service import ops_routes, setup_tracing
+from shared.settings import load_settings
+
+SERVICE = "router"
+
+
+def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
+    """The router as an ASGI FastStream app."""
+    settings = settings or load_settings(RouterSettings)
+    setup_tracing(SERVICE)
+    registry = CollectorRegistry()
+    broker = make_broker(settings, service=SERVICE, registry=registry)
+    register_handlers(broker, settings)
+
+    async def ready() -> str | None:
+        return None if await broker.ping(timeout=2.0) else "Kafka is not reachable"
+
+    async def create_topics() -> None:
+        await ensure_topics(settings)
+
+    return AsgiFastStream(
+        broker,
+        asgi_routes=ops_routes(SERVICE, registry, ready),
+        on_startup=[create_topics],
+        asyncapi_path="/asyncapi",
+    )

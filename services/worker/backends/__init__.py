@@ -1,0 +1,1 @@
+"""Inference backends. One small interface (`base.Backend`), one module per engine."""

@@ -1,0 +1,172 @@
+"""Message contracts: one pydantic model per Kafka topic, shared by every service.
+
+Every message carries `request_id` and `schema_version`. Fields are only ever added (with
+defaults), never repurposed, so old consumers keep reading new messages.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+
+def new_request_id() -> str:
+    """A fresh request id in the OpenAI style (`chatcmpl-...`)."""
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def utcnow() -> datetime:
+    """Timezone-aware current time; every timestamp on the bus is UTC."""
+    return datetime.now(UTC)
+
+
+class Envelope(BaseModel):
+    """Fields every message on the bus carries."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: int = Field(default=SCHEMA_VERSION, description="Version of this schema.")
+    request_id: str = Field(
+        default_factory=new_request_id,
+        min_length=1,
+        max_length=128,
+        description="Id of the chat request; also the completion id returned to the client.",
+        examples=["chatcmpl-5f0c3c9e2d6b4c1e9a8f7d6c5b4a3f21"],
+    )
+
+
+class ChatMessage(BaseModel):
+    """One turn of the conversation, as in OpenAI's chat API."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=1_000_000)
+
+
+class ReplyRoute(BaseModel):
+    """Where the answer to a request must be sent besides the results topic."""
+
+    topic: str = Field(description="Reply topic, normally `autoglm.replies`.")
+    partition: int = Field(ge=0, description="Partition owned by the waiting gateway instance.")
+
+
+class ChatRequest(Envelope):
+    """A chat completion request: topic `autoglm.requests` (gateway or any producer -> router)."""
+
+    created_at: datetime = Field(default_factory=utcnow)
+    deadline: datetime | None = Field(
+        default=None, description="After this instant nobody waits for the answer; work is skipped."
+    )
+    model: str = Field(
+        default="auto",
+        min_length=1,
+        description="`auto` (the router decides), a pool name, or a model id.",
+        examples=["auto", "light", "tiny-heavy"],
+    )
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=32_768)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] | None = Field(default=None, max_length=4)
+    seed: int | None = None
+    user: str | None = Field(default=None, description="End-user id supplied by the client.")
+    priority: int = Field(default=0, ge=0, le=9, description="Higher is more urgent.")
+    caller: str | None = Field(default=None, description="Authenticated identity of the caller.")
+    reply_to: ReplyRoute | None = Field(
+        default=None, description="Set by a gateway that waits for the answer; producers omit it."
+    )
+    probe: bool = Field(
+        default=False,
+        description="Readiness probe: travels the whole path but runs no model and is not stored.",
+    )
+
+    @model_validator(mode="after")
+    def _last_message_is_not_from_assistant(self) -> ChatRequest:
+        if self.messages[-1].role == "assistant":
+            raise ValueError("the last message must come from the user or the system")
+        return self
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        """True when the deadline has passed."""
+        return self.deadline is not None and (now or utcnow()) >= self.deadline
+
+
+class RoutedJob(Envelope):
+    """A request with the router's decision: topic `autoglm.jobs.<pool>` (router -> worker)."""
+
+    request: ChatRequest
+    pool: str
+    model: str
+    score: float = Field(ge=0.0, le=1.0, description="Complexity score in [0, 1].")
+    reasons: list[str] = Field(default_factory=list, description="Why this pool was chosen.")
+    routed_at: datetime = Field(default_factory=utcnow)
+
+
+class Usage(BaseModel):
+    """Token counts, as in OpenAI's `usage` object."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Timings(BaseModel):
+    """Where the request spent its time, in milliseconds."""
+
+    queue_ms: float = Field(default=0.0, description="From creation until the worker took it.")
+    inference_ms: float = Field(default=0.0, description="Model time of the batch it ran in.")
+    total_ms: float = Field(default=0.0, description="From creation until the result was made.")
+    batch_size: int = Field(default=1, description="Size of the batch the request ran in.")
+
+
+class Choice(BaseModel):
+    """One generated answer."""
+
+    index: int = 0
+    message: ChatMessage
+    finish_reason: Literal["stop", "length", "error", "cancelled"] = "stop"
+
+
+class ErrorInfo(BaseModel):
+    """Why a request failed, in OpenAI's error vocabulary."""
+
+    type: str = Field(examples=["invalid_request_error", "timeout", "server_error"])
+    message: str
+    code: str | None = None
+
+
+class ChatResult(Envelope):
+    """The outcome of a request: topic `autoglm.results`, and the caller's reply route."""
+
+    model: str | None = None
+    pool: str | None = None
+    score: float | None = None
+    choices: list[Choice] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    timings: Timings = Field(default_factory=Timings)
+    error: ErrorInfo | None = None
+    created_at: datetime = Field(description="When the request was created.")
+    completed_at: datetime = Field(default_factory=utcnow)
+    probe: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when the request produced an answer."""
+        return self.error is None
+
+
+class DeadLetter(Envelope):
+    """A message no service could process: topic `autoglm.deadletter`."""
+
+    request_id: str | None = None  # type: ignore[assignment]  # unknown when the payload is garbage
+    source_topic: str
+    service: str
+    error_type: str
+    reason: str
+    attempts: int = 1
+    payload: str = Field(description="The original message body, decoded as UTF-8 with escapes.")
+    failed_at: datetime = Field(default_factory=utcnow)

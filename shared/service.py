@@ -1,0 +1,62 @@
+"""What every service has in common: ops endpoints, telemetry, and running under uvicorn."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvicorn
+from faststream.asgi import AsgiResponse, get
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry, make_asgi_app
+
+logger = logging.getLogger(__name__)
+
+ReadyCheck = Callable[[], Awaitable[str | None]]
+"""Returns None when ready, else the reason it is not."""
+
+
+def setup_tracing(service: str) -> None:
+    """Give the process a tracer provider so trace ids exist and travel in Kafka headers."""
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        trace.set_tracer_provider(TracerProvider(resource=Resource({"service.name": service})))
+
+
+def _json(status: int, body: dict[str, Any]) -> AsgiResponse:
+    return AsgiResponse(json.dumps(body).encode(), status, {"content-type": "application/json"})
+
+
+def ops_routes(service: str, registry: CollectorRegistry, ready: ReadyCheck) -> list[tuple[str, Any]]:
+    """`/healthz` (process alive), `/readyz` (able to do its work) and `/metrics` (Prometheus)."""
+
+    @get(include_in_schema=False)
+    async def healthz(scope: Any) -> AsgiResponse:
+        return _json(200, {"status": "ok", "service": service})
+
+    @get(include_in_schema=False)
+    async def readyz(scope: Any) -> AsgiResponse:
+        reason = await ready()
+        if reason is None:
+            return _json(200, {"status": "ready", "service": service})
+        return _json(503, {"status": "not ready", "service": service, "reason": reason})
+
+    return [("/healthz", healthz), ("/readyz", readyz), ("/metrics", make_asgi_app(registry))]
+
+
+def serve(app: Any, *, host: str, port: int, service: str) -> None:
+    """Run an ASGI app until SIGTERM/SIGINT, then shut down gracefully (lifespan stops the broker)."""
+    logger.info("%s listening on http://%s:%d", service, host, port)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,  # keep our structured logging
+        access_log=False,
+        timeout_graceful_shutdown=30,
+        lifespan="on",
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,180 @@
+"""Settings shared by every service: the deployment file plus environment overrides.
+
+`deploy/deployment.yaml` is the single source of truth for pools, routing and retries. Any value
+can be overridden from the environment with the `AUTOGLM_` prefix and `__` between levels, e.g.
+`AUTOGLM_ROUTING__THRESHOLD=0.7` or `AUTOGLM_POOLS__LIGHT__BATCHING__MAX_BATCH_SIZE=8`.
+Each service subclasses `CommonSettings` with a section of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Literal, Self, TypeVar
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_FILE = REPO_ROOT / "deploy" / "deployment.yaml"
+CONFIG_FILE_ENV = "AUTOGLM_CONFIG_FILE"
+
+
+def var_dir() -> Path:
+    """Project-local directory for data, logs and built models."""
+    return Path(os.environ.get("AUTOGLM_VAR_DIR", REPO_ROOT / "var"))
+
+
+class Batching(BaseModel):
+    """Dynamic batching of a pool's workers (seed defaults: 32 requests or 50 ms)."""
+
+    enabled: bool = True
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_wait_ms: int = Field(default=50, ge=0, le=10_000)
+
+
+class ModelConfig(BaseModel):
+    """One model a pool serves."""
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    path: Path = Field(description="HF-format checkpoint dir; relative paths are under models_dir.")
+    max_context_tokens: int = Field(default=2048, ge=16)
+    default_max_tokens: int = Field(default=64, ge=1)
+
+
+class PoolConfig(BaseModel):
+    """A pool of identical workers fed by one jobs topic."""
+
+    models: list[ModelConfig] = Field(min_length=1)
+    backend: Literal["torch"] = "torch"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    replicas: int = Field(default=1, ge=0, le=64)
+    partitions: int = Field(default=4, ge=1, le=256)
+    batching: Batching = Field(default_factory=Batching)
+
+
+class RoutingConfig(BaseModel):
+    """Complexity routing: score below the threshold goes to the light pool."""
+
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    light_pool: str = "light"
+    heavy_pool: str = "heavy"
+
+
+class Backoff(BaseModel):
+    """Exponential backoff between attempts."""
+
+    initial_ms: int = Field(default=200, ge=0)
+    multiplier: float = Field(default=2.0, ge=1.0)
+    max_ms: int = Field(default=5_000, ge=0)
+
+
+class RetryConfig(BaseModel):
+    """How often failed work is retried (the seeds: at most 3 attempts)."""
+
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    backoff: Backoff = Field(default_factory=Backoff)
+
+
+class TopicSpec(BaseModel):
+    """Partition count of one topic."""
+
+    partitions: int = Field(ge=1, le=256)
+
+
+class TopicsConfig(BaseModel):
+    """Partition counts of the fixed topics (jobs topics take theirs from the pool)."""
+
+    requests: TopicSpec = TopicSpec(partitions=4)
+    results: TopicSpec = TopicSpec(partitions=4)
+    replies: TopicSpec = Field(
+        default=TopicSpec(partitions=8),
+        description="One partition per gateway instance: the most gateways that can run at once.",
+    )
+    deadletter: TopicSpec = TopicSpec(partitions=1)
+    replication_factor: int = Field(default=1, ge=1)
+
+
+class CommonSettings(BaseSettings):
+    """Settings every service reads."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AUTOGLM_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    database_url: str = "postgresql+asyncpg://autoglm:autoglm@127.0.0.1:55432/autoglm"
+    models_dir: Path = Field(default_factory=lambda: var_dir() / "models")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "text"] = "auto"
+
+    pools: dict[str, PoolConfig] = Field(min_length=1)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    retries: RetryConfig = Field(default_factory=RetryConfig)
+    topics: TopicsConfig = Field(default_factory=TopicsConfig)
+
+    @model_validator(mode="after")
+    def _routing_names_known_pools(self) -> Self:
+        for field in ("light_pool", "heavy_pool"):
+            pool = getattr(self.routing, field)
+            if pool not in self.pools:
+                raise ValueError(f"routing.{field}: unknown pool {pool!r} (pools: {sorted(self.pools)})")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Priority: explicit arguments, then the environment, then the deployment file.
+        yaml_file = Path(os.environ.get(CONFIG_FILE_ENV, DEFAULT_CONFIG_FILE))
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file))
+
+    def model_path(self, model: ModelConfig) -> Path:
+        """Absolute checkpoint directory of a model."""
+        return model.path if model.path.is_absolute() else self.models_dir / model.path
+
+    def find_model(self, model_id: str) -> tuple[str, ModelConfig] | None:
+        """The (pool, model) serving `model_id`, or None."""
+        for pool_name, pool in self.pools.items():
+            for model in pool.models:
+                if model.id == model_id:
+                    return pool_name, model
+        return None
+
+
+class ConfigError(SystemExit):
+    """Raised (and exits the process) when the configuration is invalid."""
+
+
+SettingsT = TypeVar("SettingsT", bound=CommonSettings)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per bad field, naming it as it is written in the file or the environment."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(settings)"
+        env = "AUTOGLM_" + "__".join(str(part) for part in item["loc"]).upper()
+        lines.append(f"  {field}: {item['msg']} (set in the deployment file or {env})")
+    return "\n".join(lines)
+
+
+def load_settings(cls: type[SettingsT], **overrides: object) -> SettingsT:
+    """Build settings, or stop the process with a message that names each bad field."""
+    try:
+        return cls(**overrides)
+    except ValidationError as error:
+        source = os.environ.get(CONFIG_FILE_ENV, str(DEFAULT_CONFIG_FILE))
+        print(f"invalid configuration ({source}):\n{describe_validation_error(error)}", file=sys.stderr)
+        raise ConfigError(2) from error

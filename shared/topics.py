@@ -1,0 +1,20 @@
+"""Kafka topic names. Partition counts come from `deploy/deployment.yaml` (`topics:`)."""
+
+REQUESTS = "autoglm.requests"
+"""ChatRequest: gateway or any producer -> router."""
+
+RESULTS = "autoglm.results"
+"""ChatResult for every request, keyed by request id: worker -> exporter and producers."""
+
+REPLIES = "autoglm.replies"
+"""ChatResult copies for waiting gateways; partition N belongs to gateway instance N."""
+
+DEADLETTER = "autoglm.deadletter"
+"""DeadLetter: messages that could not be processed, with the reason."""
+
+JOBS_PREFIX = "autoglm.jobs."
+
+
+def jobs_topic(pool: str) -> str:
+    """Topic that feeds the workers of `pool` (RoutedJob)."""
+    return f"{JOBS_PREFIX}{pool}"
