@@ -1,0 +1,53 @@
+"""Builds the exporter: migrates the schema, then persists the bus into PostgreSQL."""
+
+from __future__ import annotations
+
+from faststream.asgi import AsgiFastStream
+from prometheus_client import CollectorRegistry
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from services.exporter.config import ExporterSettings
+from services.exporter.handlers import register_handlers
+from services.exporter.migrate import upgrade_async
+from shared.kafka import ensure_topics, make_broker
+from shared.service import ops_routes, setup_tracing
+from shared.settings import load_settings
+
+SERVICE = "exporter"
+
+
+def create_app(settings: ExporterSettings | None = None) -> AsgiFastStream:
+    """The exporter as an ASGI FastStream app."""
+    settings = settings or load_settings(ExporterSettings)
+    setup_tracing(SERVICE)
+    registry = CollectorRegistry()
+    broker = make_broker(settings, service=SERVICE, registry=registry)
+    engine = create_async_engine(settings.database_url, pool_size=4, pool_pre_ping=True)
+    register_handlers(broker, settings, engine)
+
+    async def prepare() -> None:
+        await ensure_topics(settings)
+        if settings.exporter.migrate_on_start:
+            await upgrade_async(settings.database_url)
+
+    async def close_engine() -> None:
+        await engine.dispose()
+
+    async def ready() -> str | None:
+        if not await broker.ping(timeout=2.0):
+            return "Kafka is not reachable"
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        except Exception as error:  # noqa: BLE001 - any failure means not ready
+            return f"PostgreSQL is not reachable: {type(error).__name__}"
+        return None
+
+    return AsgiFastStream(
+        broker,
+        asgi_routes=ops_routes(SERVICE, registry, ready),
+        on_startup=[prepare],
+        after_shutdown=[close_engine],
+        asyncapi_path="/asyncapi",
+    )

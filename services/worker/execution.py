@@ -1,0 +1,132 @@
+"""Turning a batch of routed jobs into results: skip what nobody waits for, run the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from datetime import datetime
+
+from services.worker.backends.base import Backend, GenerationInput, GenerationOutput
+from shared.messages import ChatMessage, ChatResult, Choice, ErrorInfo, RoutedJob, Timings, Usage, utcnow
+from shared.settings import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+class LoadedModel:
+    """A backend together with the configuration of the model it serves."""
+
+    def __init__(self, config: ModelConfig, backend: Backend) -> None:
+        self.config = config
+        self.backend = backend
+
+
+def elapsed_ms(since: datetime, until: datetime) -> float:
+    """Milliseconds between two instants."""
+    return (until - since).total_seconds() * 1000.0
+
+
+def generation_input(job: RoutedJob, config: ModelConfig) -> GenerationInput:
+    """What the model needs from a job; max_tokens defaults to the model's configured value."""
+    request = job.request
+    return GenerationInput(
+        request_id=job.request_id,
+        messages=request.messages,
+        max_tokens=request.max_tokens or config.default_max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        stop=list(request.stop or []),
+        seed=request.seed,
+    )
+
+
+def base_result(job: RoutedJob, taken_at: datetime) -> ChatResult:
+    """A result carrying the job's identity and routing, to be filled in."""
+    return ChatResult(
+        request_id=job.request_id,
+        model=job.model,
+        pool=job.pool,
+        score=job.score,
+        created_at=job.request.created_at,
+        probe=job.request.probe,
+        timings=Timings(queue_ms=elapsed_ms(job.request.created_at, taken_at)),
+    )
+
+
+def answered_result(
+    job: RoutedJob, output: GenerationOutput, taken_at: datetime, inference_ms: float, batch_size: int
+) -> ChatResult:
+    """The result for a job the model ran (successfully or with a per-request error)."""
+    result = base_result(job, taken_at)
+    result.usage = Usage(
+        prompt_tokens=output.prompt_tokens,
+        completion_tokens=output.completion_tokens,
+        total_tokens=output.prompt_tokens + output.completion_tokens,
+    )
+    result.timings.inference_ms = inference_ms
+    result.timings.batch_size = batch_size
+    if output.error is not None:
+        result.error = ErrorInfo(type="invalid_request_error", code="context_length_exceeded", message=output.error)
+    else:
+        message = ChatMessage(role="assistant", content=output.text)
+        result.choices = [Choice(message=message, finish_reason=output.finish_reason)]
+    result.completed_at = utcnow()
+    result.timings.total_ms = elapsed_ms(job.request.created_at, result.completed_at)
+    return result
+
+
+def skipped_result(job: RoutedJob, taken_at: datetime) -> ChatResult | None:
+    """The result of a job that must not run (a probe, or past its deadline), else None."""
+    if job.request.probe:
+        result = base_result(job, taken_at)
+        result.choices = [Choice(message=ChatMessage(role="assistant", content=""))]
+        return result
+    if job.request.is_expired(taken_at):
+        result = base_result(job, taken_at)
+        result.error = ErrorInfo(
+            type="timeout", code="deadline_exceeded", message="the request's deadline passed before it ran"
+        )
+        return result
+    return None
+
+
+def unknown_model_result(job: RoutedJob, taken_at: datetime, served: list[str]) -> ChatResult:
+    """A job routed to a pool that does not serve its model (a stale router config)."""
+    result = base_result(job, taken_at)
+    message = f"pool {job.pool!r} does not serve model {job.model!r}; it serves {served}"
+    result.error = ErrorInfo(type="invalid_request_error", code="model_not_found", message=message)
+    return result
+
+
+async def run_batch(jobs: list[RoutedJob], models: dict[str, LoadedModel]) -> list[ChatResult]:
+    """Results for `jobs`, in order. Raises if the backend fails (the batch is then redelivered)."""
+    taken_at = utcnow()
+    results: dict[str, ChatResult] = {}
+    by_model: dict[str, list[RoutedJob]] = defaultdict(list)
+    for job in jobs:
+        skipped = skipped_result(job, taken_at)
+        if skipped is not None:
+            results[job.request_id] = skipped
+        elif job.model not in models:
+            results[job.request_id] = unknown_model_result(job, taken_at, sorted(models))
+        else:
+            by_model[job.model].append(job)
+    for model_id, group in by_model.items():
+        for job, result in zip(group, await run_on_model(group, models[model_id], taken_at), strict=True):
+            results[job.request_id] = result
+    return [results[job.request_id] for job in jobs]
+
+
+async def run_on_model(jobs: list[RoutedJob], model: LoadedModel, taken_at: datetime) -> list[ChatResult]:
+    """Run one model's share of the batch in a thread, so the event loop keeps serving Kafka."""
+    inputs = [generation_input(job, model.config) for job in jobs]
+    started = time.perf_counter()
+    outputs = await asyncio.to_thread(model.backend.generate, inputs)
+    inference_ms = (time.perf_counter() - started) * 1000.0
+    logger.info("ran a batch of %d on %s in %.1f ms", len(jobs), model.config.id, inference_ms)
+    return [
+        answered_result(job, output, taken_at, inference_ms, len(jobs))
+        for job, output in zip(jobs, outputs, strict=True)
+    ]
