@@ -76,10 +76,18 @@ install_postgres() {
     command -v apt-get >/dev/null 2>&1 ||
         die "PostgreSQL server binaries not found and apt-get is not available: install PostgreSQL, or set AUTOGLM_DATABASE_URL"
     echo "installing PostgreSQL with apt-get (first run only)..."
-    apt-get update -qq
+    # apt's chatter is only worth showing when it fails.
+    local apt_log
+    apt_log=$(mktemp)
     # The package may create and start a system cluster on port 5432: harmless,
     # this script never uses it.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    if ! { apt-get update -qq &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } >"$apt_log" 2>&1; then
+        tail -n 30 "$apt_log" >&2
+        rm -f "$apt_log"
+        die "installing PostgreSQL with apt-get failed (see above)"
+    fi
+    rm -f "$apt_log"
 }
 
 require_postgres() {
@@ -244,7 +252,7 @@ cmd_start() {
         fi
         initdb_once
         write_config
-        echo "starting PostgreSQL $("$PG_BIN/pg_ctl" --version | awk '{print $NF}') on $HOST:$PORT, log: $LOG_FILE"
+        echo "starting PostgreSQL $("$PG_BIN/pg_ctl" --version | awk '{print $3}') on $HOST:$PORT, log: $LOG_FILE"
         # setsid: own session, so Ctrl-C in the calling terminal does not reach
         # it; 9>&-: the server must not inherit (and hold) the start lock.
         if ! as_pg setsid "$PG_BIN/pg_ctl" start --pgdata="$DATA_DIR" --log="$LOG_FILE" \

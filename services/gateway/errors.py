@@ -1,0 +1,73 @@
+"""API errors and their translation into OpenAI's error JSON at the HTTP edge."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from services.gateway.protocol import ErrorInfo, ErrorResponse
+from shared.messages import ChatResult
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error the client sees, in OpenAI's vocabulary."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.info = ErrorInfo(message=message, type=type_, param=param, code=code)
+
+    def response(self) -> JSONResponse:
+        """The HTTP response for this error."""
+        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status)
+
+
+RESULT_ERROR_STATUS = {"invalid_request_error": 400, "timeout": 504}
+
+
+def error_from_result(result: ChatResult) -> ApiError:
+    """The HTTP error for a result that carries one."""
+    assert result.error is not None
+    status = 404 if result.error.code == "model_not_found" else RESULT_ERROR_STATUS.get(result.error.type, 500)
+    return ApiError(status, result.error.message, result.error.type, None, result.error.code)
+
+
+def validation_error(error: RequestValidationError) -> ApiError:
+    """400 naming the first bad field (e.g. `messages.0.role`), as OpenAI does."""
+    first = error.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    if first.get("type") == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
+    else:
+        message = f"Invalid value for '{param}': {first.get('msg')}" if param else str(first.get("msg"))
+    return ApiError(400, message, "invalid_request_error", param, first.get("type"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves the gateway as OpenAI error JSON: never HTML, never a stack trace."""
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return validation_error(error).response()
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, error: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        return ApiError(error.status_code, str(error.detail), kind).response()
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return ApiError(500, "The server had an error while processing your request", "server_error").response()

@@ -1,0 +1,82 @@
+"""The chat completion use case: publish the request, wait for its result within the deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+
+from faststream.kafka import KafkaBroker
+
+from services.gateway.config import GatewaySettings
+from services.gateway.errors import ApiError
+from services.gateway.protocol import ChatCompletionRequest
+from services.gateway.replies import ReplyWaiters
+from shared import topics
+from shared.logging import bound_request_id
+from shared.messages import ChatMessage, ChatRequest, ChatResult, ReplyRoute, new_request_id, utcnow
+
+logger = logging.getLogger(__name__)
+
+
+class ChatService:
+    """Publishes chat requests and awaits their results on this instance's reply partition."""
+
+    def __init__(self, broker: KafkaBroker, settings: GatewaySettings, waiters: ReplyWaiters) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.waiters = waiters
+        self.reply_to = ReplyRoute(topic=topics.REPLIES, partition=settings.gateway.instance)
+
+    def check_model(self, model: str) -> None:
+        """404 unless `model` is `auto`, a pool or a served model id."""
+        if model == "auto" or model in self.settings.pools or self.settings.find_model(model):
+            return
+        raise ApiError(404, f"The model '{model}' does not exist", "invalid_request_error", "model", "model_not_found")
+
+    async def complete(self, body: ChatCompletionRequest) -> ChatResult:
+        """Run a chat completion end to end and return its result (which may carry an error)."""
+        self.check_model(body.model)
+        timeout = self.settings.gateway.request_timeout_s
+        request = body.to_chat_request(new_request_id(), utcnow() + timedelta(seconds=timeout), self.reply_to)
+        return await self.round_trip(request, timeout)
+
+    async def round_trip(self, request: ChatRequest, timeout: float) -> ChatResult:
+        """Publish `request` and wait up to `timeout` seconds for its result."""
+        with bound_request_id(request.request_id):
+            future = self.waiters.expect(request.request_id)
+            try:
+                await self.publish(request)
+                return await asyncio.wait_for(future, timeout)
+            except TimeoutError:
+                logger.warning("no result within %.1f s", timeout)
+                raise ApiError(
+                    504, f"The request did not complete within {timeout:g} s", "timeout", None, "deadline_exceeded"
+                ) from None
+            finally:
+                self.waiters.forget(request.request_id)
+
+    async def publish(self, request: ChatRequest) -> None:
+        """Put the request on the requests topic; 503 when Kafka does not take it."""
+        try:
+            await self.broker.publish(
+                request, topics.REQUESTS, key=request.request_id.encode(), correlation_id=request.request_id
+            )
+        except Exception as error:
+            logger.exception("publishing the request failed")
+            raise ApiError(503, "The request queue is unavailable, retry later", "server_error", None, "unavailable") from error
+
+    async def probe(self) -> str | None:
+        """Send a probe through router and worker; None when it came back, else why not."""
+        timeout = self.settings.gateway.readiness_timeout_s
+        request = ChatRequest(
+            messages=[ChatMessage(role="user", content="readiness probe")],
+            probe=True,
+            deadline=utcnow() + timedelta(seconds=timeout),
+            reply_to=self.reply_to,
+        )
+        try:
+            result = await self.round_trip(request, timeout)
+        except ApiError as error:
+            return f"end-to-end probe failed: {error.message}"
+        return None if result.ok else f"end-to-end probe failed: {result.error}"

@@ -1,0 +1,365 @@
+"""The PyTorch / transformers backend: any local HF-format causal LM, batched with left padding.
+
+How a batch runs:
+1. Each request's messages go through the model's chat template (control tokens inside user text are
+   encoded as plain text, so a user cannot forge a `<|system|>` turn). A prompt that leaves no room for
+   `max_tokens` gets an error output of its own; the rest of the batch still runs.
+2. The remaining requests are grouped by sampling settings, because `generate()` takes one setting per
+   call: all greedy requests together, unseeded sampling requests by (temperature, top_p), and every
+   seeded request alone. A seeded request runs by itself under its own seed, so the same seed and
+   prompt give the same text whatever else was in the batch (batch companions would otherwise draw
+   from the same random stream and shift it).
+3. Each group runs with the largest `max_tokens` of the group; a per-row stopping criterion ends each
+   row at its own `max_tokens` or stop string, and the output is cut again afterwards, exactly.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jinja2.exceptions import TemplateError
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.utils import logging as transformers_logging
+
+from services.worker.backends.base import GenerationInput, GenerationOutput
+
+logger = logging.getLogger(__name__)
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+
+
+@contextmanager
+def quiet_transformers_progress() -> Iterator[None]:
+    """Hide transformers' tqdm bars (loading/saving weights): noise in service logs."""
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU; asking for CUDA on a machine without it is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    # Half precision halves memory and is fast on GPUs; on CPUs fp16 matmuls are slow, so keep fp32.
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+@dataclass(frozen=True)
+class EncodedRequest:
+    """A request whose prompt fits: its position in the batch and its prompt token ids."""
+
+    index: int
+    request: GenerationInput
+    prompt_ids: list[int]
+
+
+def sampling_group_key(index: int, request: GenerationInput) -> tuple[Any, ...]:
+    """Requests with equal keys can share one `generate()` call."""
+    if request.temperature <= 0:
+        return ("greedy",)  # top_p and seed do not change an argmax
+    if request.seed is not None:
+        return ("seeded", index)  # alone: see the module docstring
+    return ("sample", request.temperature, request.top_p)
+
+
+def group_by_sampling(encoded: Sequence[EncodedRequest]) -> list[list[EncodedRequest]]:
+    groups: dict[tuple[Any, ...], list[EncodedRequest]] = {}
+    for item in encoded:
+        groups.setdefault(sampling_group_key(item.index, item.request), []).append(item)
+    return list(groups.values())
+
+
+def effective_stops(request: GenerationInput) -> list[str]:
+    return [stop for stop in request.stop if stop]  # an empty stop string would cut everything
+
+
+def first_stop_position(text: str, stops: Sequence[str]) -> int | None:
+    """Index in `text` where the earliest stop string starts, or None."""
+    positions = [position for stop in stops if (position := text.find(stop)) >= 0]
+    return min(positions) if positions else None
+
+
+class PerRowStoppingCriteria(StoppingCriteria):
+    """Ends each row at its own `max_tokens` or stop strings, so finished rows stop costing decode work.
+
+    Stop strings are searched in the decoded tail only (enough tokens to hold the longest stop string);
+    this is an early exit, not the final word: outputs are cut exactly after generation.
+    """
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, prompt_width: int, requests: Sequence[GenerationInput]
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+        self.max_tokens = [request.max_tokens for request in requests]
+        self.stops = [effective_stops(request) for request in requests]
+        # Each token holds at least one byte (or character), so this many tokens cover any stop string.
+        self.tail_tokens = [max((len(s.encode()) for s in stops), default=0) + 2 for stops in self.stops]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        generated = input_ids[:, self.prompt_width :]
+        done = [self._row_done(row, generated[row]) for row in range(generated.shape[0])]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _row_done(self, row: int, generated: torch.Tensor) -> bool:
+        if generated.shape[0] >= self.max_tokens[row]:
+            return True
+        if not self.stops[row]:
+            return False
+        tail = self.tokenizer.decode(generated[-self.tail_tokens[row] :], skip_special_tokens=True)
+        return first_stop_position(tail, self.stops[row]) is not None
+
+
+class TorchBackend:
+    """A causal LM loaded with transformers; implements `base.Backend`. `generate` is serialised by a lock."""
+
+    def __init__(
+        self,
+        model_id: str,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        max_context_tokens: int,
+    ) -> None:
+        self.model_id = model_id
+        self.model: PreTrainedModel | None = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_context_tokens = max_context_tokens
+        self.eos_token_ids = self._eos_token_ids()
+        # One batch at a time: seeded runs reseed torch's global RNG, and the GPU has room for one batch.
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls, model_id: str, path: Path, *, device: str = "auto", max_context_tokens: int
+    ) -> TorchBackend:
+        """Load a checkpoint directory (never the network) onto `device` (`auto`, `cpu` or `cuda`)."""
+        started = time.perf_counter()
+        target = resolve_device(device)
+        with quiet_transformers_progress():
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype_for(target))
+        prepare_tokenizer_for_batching(tokenizer)
+        model.to(target).eval()
+        warn_if_context_exceeds_model(model_id, model, max_context_tokens)
+        logger.info(
+            "loaded model %s from %s on %s (%s): %d parameters in %.2f s",
+            model_id,
+            path,
+            target,
+            dtype_for(target),
+            sum(parameter.numel() for parameter in model.parameters()),
+            time.perf_counter() - started,
+        )
+        return cls(model_id, model, tokenizer, target, max_context_tokens)
+
+    def _eos_token_ids(self) -> set[int]:
+        """Every token that ends a turn: the generation config may list several (e.g. EOS and end-of-turn)."""
+        configured = self.model.generation_config.eos_token_id if self.model is not None else None
+        if configured is None:
+            configured = self.tokenizer.eos_token_id
+        if configured is None:
+            return set()
+        return {configured} if isinstance(configured, int) else set(configured)
+
+    # --------------------------------------------------------------- generation
+
+    def generate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
+        """Run one batch; output order = input order. Bad requests get an error output of their own."""
+        if self.model is None:
+            raise RuntimeError(f"backend for {self.model_id} is closed")
+        with self._lock, torch.inference_mode():
+            outputs: dict[int, GenerationOutput] = {}
+            runnable: list[EncodedRequest] = []
+            for index, request in enumerate(batch):
+                encoded_or_error = self._encode(index, request)
+                if isinstance(encoded_or_error, GenerationOutput):
+                    outputs[index] = encoded_or_error
+                else:
+                    runnable.append(encoded_or_error)
+            for group in group_by_sampling(runnable):
+                for item, output in zip(group, self._generate_group(group), strict=True):
+                    outputs[item.index] = output
+            return [outputs[index] for index in range(len(batch))]
+
+    def _encode(self, index: int, request: GenerationInput) -> EncodedRequest | GenerationOutput:
+        """The request's prompt ids, or an error output when the prompt cannot run."""
+        try:
+            prompt_ids = self._prompt_ids(request)
+        except TemplateError as error:
+            return error_output(request, 0, f"the conversation does not fit the model's chat template: {error}")
+        if len(prompt_ids) > self.max_context_tokens - request.max_tokens:
+            message = f"prompt too long: {len(prompt_ids)} tokens, the model's context is {self.max_context_tokens}"
+            if request.max_tokens >= self.max_context_tokens:
+                message += f" (max_tokens {request.max_tokens} alone fills it)"
+            return error_output(request, len(prompt_ids), message)
+        return EncodedRequest(index, request, prompt_ids)
+
+    def _prompt_ids(self, request: GenerationInput) -> list[int]:
+        conversation = [{"role": message.role, "content": message.content} for message in request.messages]
+        # sanitize_control_tokens: special tokens typed by the user are encoded as text, not as control
+        # tokens, so user content cannot open a fake system or assistant turn.
+        return self.tokenizer.apply_chat_template(
+            conversation,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+            sanitize_control_tokens=True,
+        )
+
+    def _generate_group(self, group: list[EncodedRequest]) -> list[GenerationOutput]:
+        """One `generate()` call for requests with identical sampling settings."""
+        requests = [item.request for item in group]
+        padded = self.tokenizer.pad(
+            {"input_ids": [item.prompt_ids for item in group]},
+            padding=True,
+            padding_side="left",
+            return_attention_mask=True,
+            return_tensors="pt",
+        ).to(self.device)
+        prompt_width = padded["input_ids"].shape[1]
+        stopping = StoppingCriteriaList([PerRowStoppingCriteria(self.tokenizer, prompt_width, requests)])
+        with self._seeded(requests[0].seed if len(group) == 1 else None):
+            sequences = self.model.generate(
+                **padded,
+                generation_config=self._generation_config(requests),
+                stopping_criteria=stopping,
+            )
+        new_tokens = sequences[:, prompt_width:].tolist()
+        return [
+            self._finish(item.request, len(item.prompt_ids), tokens)
+            for item, tokens in zip(group, new_tokens, strict=True)
+        ]
+
+    def _generation_config(self, requests: Sequence[GenerationInput]) -> GenerationConfig:
+        """Every sampling knob explicit, so a checkpoint's own defaults (e.g. top_k) do not leak in."""
+        first = requests[0]  # the group shares sampling settings
+        common: dict[str, Any] = {
+            "max_new_tokens": max(request.max_tokens for request in requests),
+            "num_beams": 1,
+            "repetition_penalty": 1.0,
+            "eos_token_id": sorted(self.eos_token_ids) or None,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if first.temperature <= 0:
+            return GenerationConfig(do_sample=False, **common)
+        # The API has no top_k: 0 turns off transformers' default of 50, leaving nucleus sampling over
+        # the whole vocabulary as OpenAI's API does.
+        return GenerationConfig(
+            do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0, **common
+        )
+
+    @contextmanager
+    def _seeded(self, seed: int | None) -> Iterator[None]:
+        """Run with torch's RNG seeded, then restore it so later unseeded requests stay random."""
+        if seed is None:
+            yield
+            return
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    def _finish(self, request: GenerationInput, prompt_tokens: int, new_tokens: list[int]) -> GenerationOutput:
+        """Cut one row's tokens at EOS / max_tokens / the first stop string, and count what is kept."""
+        tokens, hit_eos = self._cut_at_eos(new_tokens[: request.max_tokens])
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        stops = effective_stops(request)
+        if (position := first_stop_position(text, stops)) is not None:
+            kept = self._tokens_until_stop(tokens, stops)
+            return GenerationOutput(request.request_id, text[:position], prompt_tokens, kept, "stop")
+        # Stopped before max_tokens without EOS: only a stop string in the decoded tail can do that.
+        reason = "length" if len(tokens) >= request.max_tokens and not hit_eos else "stop"
+        return GenerationOutput(request.request_id, text, prompt_tokens, len(tokens), reason)
+
+    def _cut_at_eos(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """Tokens up to and including the first EOS (it was generated, so it counts), and whether one came."""
+        for position, token in enumerate(tokens):
+            if token in self.eos_token_ids:
+                return tokens[: position + 1], True
+        return tokens, False
+
+    def _tokens_until_stop(self, tokens: list[int], stops: Sequence[str]) -> int:
+        """Fewest leading tokens whose text contains a stop string (binary search: text grows with tokens)."""
+        low, high = 1, len(tokens)
+        while low < high:
+            middle = (low + high) // 2
+            text = self.tokenizer.decode(tokens[:middle], skip_special_tokens=True)
+            if first_stop_position(text, stops) is None:
+                low = middle + 1
+            else:
+                high = middle
+        return high
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self) -> None:
+        """Free the model's memory; the backend cannot generate afterwards."""
+        if self.model is None:
+            return
+        with self._lock:
+            self.model = None
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        logger.info("closed model %s", self.model_id)
+
+
+def prepare_tokenizer_for_batching(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Left padding: a decoder-only model continues from the last position, so pads must come first."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        # Many checkpoints ship without a pad token; padded positions are masked, so EOS is a safe filler.
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def warn_if_context_exceeds_model(model_id: str, model: PreTrainedModel, max_context_tokens: int) -> None:
+    trained = getattr(model.config, "max_position_embeddings", None)
+    if trained is not None and max_context_tokens > trained:
+        logger.warning(
+            "model %s: max_context_tokens %d exceeds the model's max_position_embeddings %d",
+            model_id,
+            max_context_tokens,
+            trained,
+        )
+
+
+def error_output(request: GenerationInput, prompt_tokens: int, message: str) -> GenerationOutput:
+    return GenerationOutput(
+        request_id=request.request_id,
+        text="",
+        prompt_tokens=prompt_tokens,
+        completion_tokens=0,
+        finish_reason="error",
+        error=message,
+    )
