@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from faststream.asgi import AsgiFastStream
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
@@ -50,4 +52,5 @@ def create_app(settings: ExporterSettings | None = None) -> AsgiFastStream:
         on_startup=[prepare],
         after_shutdown=[close_engine],
         asyncapi_path="/asyncapi",
+        logger=logging.getLogger(f"faststream.{SERVICE}"),
     )

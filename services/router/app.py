@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from faststream.asgi import AsgiFastStream
 from prometheus_client import CollectorRegistry
 
@@ -33,4 +35,5 @@ def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
         asgi_routes=ops_routes(SERVICE, registry, ready),
         on_startup=[create_topics],
         asyncapi_path="/asyncapi",
+        logger=logging.getLogger(f"faststream.{SERVICE}"),
     )

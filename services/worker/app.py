@@ -69,4 +69,5 @@ def create_app(settings: WorkerSettings | None = None) -> AsgiFastStream:
         on_startup=[load],
         after_shutdown=[unload],
         asyncapi_path="/asyncapi",
+        logger=logging.getLogger(f"faststream.{SERVICE}"),
     )

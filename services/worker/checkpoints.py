@@ -14,7 +14,6 @@ import hashlib
 import json
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -219,14 +218,28 @@ def build_info(size: CheckpointSize, seed: int, shape: ModelShape, tokenizer, pa
 
 def write_checkpoint(directory: Path, size: CheckpointSize, seed: int) -> dict:
     """Write tokenizer, model and build info into `directory`; returns the build info."""
+    from services.worker.backends.torch_backend import quiet_transformers_progress
+
     shape = MODEL_SHAPES[size]
     tokenizer = build_tokenizer()
     model = build_model(shape, tokenizer, seed)
     tokenizer.save_pretrained(directory)
-    model.save_pretrained(directory, safe_serialization=True)
+    with quiet_transformers_progress():
+        model.save_pretrained(directory)  # safetensors, the default format
     info = build_info(size, seed, shape, tokenizer, sum(p.numel() for p in model.parameters()))
     (directory / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    make_world_readable(directory)
     return info
+
+
+def make_world_readable(directory: Path) -> None:
+    """The weights are written owner-only; a worker container may run as another user, so open them up.
+
+    Nothing in a tiny checkpoint is secret: it is random weights and a public tokenizer.
+    """
+    directory.chmod(0o755)
+    for file in directory.iterdir():
+        file.chmod(0o644)
 
 
 def replace_directory(source: Path, target: Path) -> None:
@@ -250,7 +263,9 @@ def build_tiny_checkpoint(path: Path, *, size: CheckpointSize, seed: int = 0) ->
         raise ValueError(f"unknown checkpoint size {size!r} (sizes: {sorted(MODEL_SHAPES)})")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    # Hidden, beside the target (same filesystem, so the final rename is atomic), unique per build.
+    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
     try:
         write_checkpoint(staging, size, seed)
         replace_directory(staging, path)
@@ -260,7 +275,7 @@ def build_tiny_checkpoint(path: Path, *, size: CheckpointSize, seed: int = 0) ->
 
 
 def is_checkpoint(path: Path) -> bool:
-    """True when `path` holds a complete checkpoint (config.json is written last-but-rename)."""
+    """True when `path` holds a checkpoint; builds appear whole (renamed into place), never half."""
     return (path / "config.json").is_file()
 
 

@@ -215,7 +215,7 @@ class TorchBackend:
     def _encode(self, index: int, request: GenerationInput) -> EncodedRequest | GenerationOutput:
         """The request's prompt ids, or an error output when the prompt cannot run."""
         try:
-            prompt_ids = self._prompt_ids(request)
+            prompt_ids = self.encode_prompt(request)
         except TemplateError as error:
             return error_output(request, 0, f"the conversation does not fit the model's chat template: {error}")
         if len(prompt_ids) > self.max_context_tokens - request.max_tokens:
@@ -225,7 +225,8 @@ class TorchBackend:
             return error_output(request, len(prompt_ids), message)
         return EncodedRequest(index, request, prompt_ids)
 
-    def _prompt_ids(self, request: GenerationInput) -> list[int]:
+    def encode_prompt(self, request: GenerationInput) -> list[int]:
+        """The prompt's token ids: the messages through the chat template, ready for the assistant's turn."""
         conversation = [{"role": message.role, "content": message.content} for message in request.messages]
         # sanitize_control_tokens: special tokens typed by the user are encoded as text, not as control
         # tokens, so user content cannot open a fake system or assistant turn.
@@ -257,7 +258,7 @@ class TorchBackend:
             )
         new_tokens = sequences[:, prompt_width:].tolist()
         return [
-            self._finish(item.request, len(item.prompt_ids), tokens)
+            finish_output(self.tokenizer, self.eos_token_ids, item.request, len(item.prompt_ids), tokens)
             for item, tokens in zip(group, new_tokens, strict=True)
         ]
 
@@ -289,37 +290,6 @@ class TorchBackend:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             yield
-
-    def _finish(self, request: GenerationInput, prompt_tokens: int, new_tokens: list[int]) -> GenerationOutput:
-        """Cut one row's tokens at EOS / max_tokens / the first stop string, and count what is kept."""
-        tokens, hit_eos = self._cut_at_eos(new_tokens[: request.max_tokens])
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        stops = effective_stops(request)
-        if (position := first_stop_position(text, stops)) is not None:
-            kept = self._tokens_until_stop(tokens, stops)
-            return GenerationOutput(request.request_id, text[:position], prompt_tokens, kept, "stop")
-        # Stopped before max_tokens without EOS: only a stop string in the decoded tail can do that.
-        reason = "length" if len(tokens) >= request.max_tokens and not hit_eos else "stop"
-        return GenerationOutput(request.request_id, text, prompt_tokens, len(tokens), reason)
-
-    def _cut_at_eos(self, tokens: list[int]) -> tuple[list[int], bool]:
-        """Tokens up to and including the first EOS (it was generated, so it counts), and whether one came."""
-        for position, token in enumerate(tokens):
-            if token in self.eos_token_ids:
-                return tokens[: position + 1], True
-        return tokens, False
-
-    def _tokens_until_stop(self, tokens: list[int], stops: Sequence[str]) -> int:
-        """Fewest leading tokens whose text contains a stop string (binary search: text grows with tokens)."""
-        low, high = 1, len(tokens)
-        while low < high:
-            middle = (low + high) // 2
-            text = self.tokenizer.decode(tokens[:middle], skip_special_tokens=True)
-            if first_stop_position(text, stops) is None:
-                low = middle + 1
-            else:
-                high = middle
-        return high
 
     # ------------------------------------------------------------------ closing
 
@@ -363,3 +333,44 @@ def error_output(request: GenerationInput, prompt_tokens: int, message: str) -> 
         finish_reason="error",
         error=message,
     )
+
+
+def finish_output(
+    tokenizer: PreTrainedTokenizerBase,
+    eos_token_ids: set[int],
+    request: GenerationInput,
+    prompt_tokens: int,
+    new_tokens: list[int],
+) -> GenerationOutput:
+    """Cut one row's tokens at max_tokens / EOS / the first stop string, and count what is kept."""
+    tokens, hit_eos = cut_at_eos(new_tokens[: request.max_tokens], eos_token_ids)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    stops = effective_stops(request)
+    if (position := first_stop_position(text, stops)) is not None:
+        kept = tokens_until_stop(tokenizer, tokens, stops)
+        return GenerationOutput(request.request_id, text[:position], prompt_tokens, kept, "stop")
+    # EOS means the model ended its turn, even on the last allowed token. (Short of max_tokens with
+    # neither EOS nor a stop string only happens if the early tail check matched what the exact check
+    # does not, e.g. a stop string with U+FFFD; the row did stop, so "stop".)
+    reason = "length" if len(tokens) >= request.max_tokens and not hit_eos else "stop"
+    return GenerationOutput(request.request_id, text, prompt_tokens, len(tokens), reason)
+
+
+def cut_at_eos(tokens: list[int], eos_token_ids: set[int]) -> tuple[list[int], bool]:
+    """Tokens up to and including the first EOS (it was generated, so it counts), and whether one came."""
+    for position, token in enumerate(tokens):
+        if token in eos_token_ids:
+            return tokens[: position + 1], True
+    return tokens, False
+
+
+def tokens_until_stop(tokenizer: PreTrainedTokenizerBase, tokens: list[int], stops: Sequence[str]) -> int:
+    """Fewest leading tokens whose text contains a stop string (binary search: text grows with tokens)."""
+    low, high = 1, len(tokens)
+    while low < high:
+        middle = (low + high) // 2
+        if first_stop_position(tokenizer.decode(tokens[:middle], skip_special_tokens=True), stops) is None:
+            low = middle + 1
+        else:
+            high = middle
+    return high

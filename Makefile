@@ -1,0 +1,69 @@
+# Open-AutoGLM: every command lives here; CI calls these targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+export AUTOGLM_VAR_DIR ?= $(CURDIR)/var
+
+.PHONY: help setup up down run test test-fast lint format bench demo models asyncapi clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv (Python 3.11) with every dependency and the autoglm command
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: Python 3.11 is required: install python3.11"; exit 1; }
+	@test -x $(PY) || { echo "creating $(VENV) ..."; $(PYTHON) -m venv $(VENV); }
+	@echo "installing dependencies into $(VENV) (first run downloads torch: several minutes) ..."
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@rm -f $(VENV)/.installed-*; touch $@
+	@echo "setup done: $(VENV)/bin/autoglm --help"
+
+up: setup  ## start local Kafka and PostgreSQL (unless AUTOGLM_KAFKA_BOOTSTRAP / AUTOGLM_DATABASE_URL), create topics, migrate
+	bash deploy/local/kafka.sh start
+	bash deploy/local/postgres.sh start
+	$(VENV)/bin/autoglm topics create
+	$(VENV)/bin/autoglm db migrate
+
+down:  ## stop local Kafka and PostgreSQL
+	bash deploy/local/kafka.sh stop
+	bash deploy/local/postgres.sh stop
+
+models: setup  ## build the tiny light and heavy checkpoints if missing
+	$(VENV)/bin/autoglm models build-tiny
+
+run: up models  ## the whole stack with local defaults; Ctrl-C stops it
+	$(VENV)/bin/autoglm run
+
+demo:  ## one chat completion against a running stack
+	curl -s 127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' \
+	  -d '{"model":"auto","messages":[{"role":"user","content":"hi"}]}'; echo
+
+test: setup  ## every test: unit, in-memory handlers, end to end on real Kafka + PostgreSQL
+	$(PY) -m pytest
+
+test-fast: setup  ## unit and in-memory handler tests only
+	$(PY) -m pytest -m "not e2e"
+
+lint: setup  ## ruff (lint + format check) and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy shared services
+
+format: setup  ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: setup  ## measure the HTTP round trip through Kafka (starts its own stack)
+	$(PY) -m tests.bench.round_trip
+
+asyncapi: setup  ## regenerate docs/asyncapi.json
+	$(VENV)/bin/autoglm asyncapi -o docs/asyncapi.json
+
+clean: down  ## stop everything and delete var/ (data, logs, built models)
+	rm -rf var

@@ -1,0 +1,166 @@
+"""Starts a real stack for end-to-end tests: Kafka, PostgreSQL and the four services.
+
+Infrastructure comes from the project's own scripts (deploy/local/), in a test-only var dir and
+on test-only ports, so a `make run` stack on the default ports is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_VAR_DIR = Path(os.environ.get("AUTOGLM_TEST_VAR_DIR", REPO / "var" / "test"))
+KAFKA_PORT = 29092
+PG_PORT = 55433
+GATEWAY_PORT = 18000
+
+
+def infra_env() -> dict[str, str]:
+    """Environment for the deploy/local scripts: test var dir and ports."""
+    return {
+        **os.environ,
+        "AUTOGLM_VAR_DIR": str(TEST_VAR_DIR),
+        "AUTOGLM_KAFKA_PORT": str(KAFKA_PORT),
+        "AUTOGLM_PG_PORT": str(PG_PORT),
+    }
+
+
+def run_script(script: str, *args: str) -> str:
+    """Run a deploy/local script; its progress lines go to the test log."""
+    completed = subprocess.run(
+        ["bash", str(REPO / "deploy" / "local" / script), *args],
+        env=infra_env(), check=True, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    sys.stderr.write(completed.stdout + completed.stderr)
+    return completed.stdout.strip()
+
+
+@dataclass
+class Infra:
+    """Where the test Kafka and PostgreSQL are."""
+
+    kafka_bootstrap: str
+    database_url: str
+
+
+def start_infra() -> Infra:
+    """Start (or reuse) the test Kafka and PostgreSQL."""
+    run_script("kafka.sh", "start")
+    run_script("postgres.sh", "start")
+    bootstrap = os.environ.get("AUTOGLM_KAFKA_BOOTSTRAP", f"127.0.0.1:{KAFKA_PORT}")
+    return Infra(kafka_bootstrap=bootstrap, database_url=run_script("postgres.sh", "url").splitlines()[-1])
+
+
+def stop_infra() -> None:
+    """Stop the test Kafka and PostgreSQL (the data stays for the next run)."""
+    run_script("kafka.sh", "stop")
+    run_script("postgres.sh", "stop")
+
+
+@dataclass
+class Service:
+    """One service process of the stack under test."""
+
+    name: str
+    module: str
+    port: int
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return TEST_VAR_DIR / "logs" / f"{self.name}.log"
+
+    def start(self, base_env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module], cwd=REPO, env={**base_env, **self.env},
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def stop(self, timeout: float = 40.0) -> int:
+        """SIGTERM and wait; returns the exit code (killed after `timeout`: -9)."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Stack:
+    """The four services running against the test infrastructure."""
+
+    infra: Infra
+    env: dict[str, str]
+    services: list[Service] = field(default_factory=list)
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{GATEWAY_PORT}"
+
+    def start(self) -> None:
+        for service in self.services:
+            service.start(self.env)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Wait for every service's /readyz (the gateway's covers the whole path)."""
+        deadline = time.monotonic() + timeout
+        for service in self.services:
+            while not self._ready(service):
+                if service.process is not None and service.process.poll() is not None:
+                    raise RuntimeError(f"{service.name} exited:\n{service.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{service.name} not ready:\n{service.log_tail()}")
+                time.sleep(0.5)
+
+    @staticmethod
+    def _ready(service: Service) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{service.port}/readyz", timeout=10).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> dict[str, int]:
+        """Stop every service gracefully; their exit codes by name."""
+        return {service.name: service.stop() for service in reversed(self.services)}
+
+
+def build_stack(infra: Infra, models_dir: Path) -> Stack:
+    """The stack's services (not started), configured for the test infrastructure."""
+    env = {
+        **os.environ,
+        "AUTOGLM_KAFKA_BOOTSTRAP": infra.kafka_bootstrap,
+        "AUTOGLM_DATABASE_URL": infra.database_url,
+        "AUTOGLM_MODELS_DIR": str(models_dir),
+        "AUTOGLM_LOG_FORMAT": "json",
+        "AUTOGLM_GATEWAY__PORT": str(GATEWAY_PORT),
+        "AUTOGLM_GATEWAY__REQUEST_TIMEOUT_S": "60",
+        "HF_HUB_OFFLINE": "1",
+    }
+    stack = Stack(infra, env)
+    stack.services = [
+        Service("exporter", "services.exporter", 18102, {"AUTOGLM_EXPORTER__PORT": "18102"}),
+        Service("router", "services.router", 18101, {"AUTOGLM_ROUTER__PORT": "18101"}),
+        Service("worker-light", "services.worker", 18110, {"AUTOGLM_WORKER__POOL": "light", "AUTOGLM_WORKER__PORT": "18110"}),
+        Service("worker-heavy", "services.worker", 18111, {"AUTOGLM_WORKER__POOL": "heavy", "AUTOGLM_WORKER__PORT": "18111"}),
+        Service("gateway", "services.gateway", GATEWAY_PORT, {}),
+    ]  # fmt: skip
+    return stack

@@ -1,0 +1,155 @@
+"""The whole path on real Kafka and PostgreSQL: HTTP -> gateway -> router -> worker -> gateway, and the exporter."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import asyncpg
+import httpx
+import openai
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from shared import topics
+from shared.messages import ChatMessage, ChatRequest, ChatResult, DeadLetter
+from tests.e2e.harness import Stack
+
+
+def plain_dsn(url: str) -> str:
+    """asyncpg wants postgresql://, SQLAlchemy's URL says postgresql+asyncpg://."""
+    return url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+async def fetch_row(stack: Stack, table: str, request_id: str, timeout: float = 30.0) -> asyncpg.Record:
+    """Poll PostgreSQL until the exporter has stored the row (it writes in batches)."""
+    connection = await asyncpg.connect(plain_dsn(stack.infra.database_url))
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            row = await connection.fetchrow(f"SELECT * FROM {table} WHERE request_id = $1", request_id)  # noqa: S608
+            if row is not None or asyncio.get_running_loop().time() > deadline:
+                assert row is not None, f"{request_id} not in {table} after {timeout} s"
+                return row
+            await asyncio.sleep(0.2)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused", max_retries=0, timeout=90)
+
+
+def test_chat_completion_returns_text_from_the_tiny_model(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+    assert completion.id.startswith("chatcmpl-")
+    assert completion.object == "chat.completion"
+    assert completion.model == "tiny-light"
+    assert completion.choices[0].message.role == "assistant"
+    assert isinstance(completion.choices[0].message.content, str)
+    assert completion.usage is not None and completion.usage.prompt_tokens > 0
+    assert 0 < completion.usage.completion_tokens <= 16  # tiny-light's default_max_tokens
+
+
+async def test_request_and_result_land_in_postgresql_under_the_same_id(client: openai.OpenAI, stack: Stack) -> None:
+    completion = await asyncio.to_thread(
+        client.chat.completions.create,
+        model="tiny-heavy", messages=[{"role": "user", "content": "store me"}], max_tokens=5, temperature=0,
+    )  # fmt: skip
+    request = await fetch_row(stack, "requests", completion.id)
+    result = await fetch_row(stack, "results", completion.id)
+    assert request["model"] == "tiny-heavy"
+    assert json.loads(request["messages"]) == [{"role": "user", "content": "store me"}]
+    assert result["status"] == "ok" and result["pool"] == "heavy"
+    assert result["content"] == completion.choices[0].message.content
+    assert result["completion_tokens"] == completion.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_unknown_model_is_an_openai_404(stack: Stack) -> None:
+    response = httpx.post(
+        f"{stack.gateway_url}/v1/chat/completions",
+        json={"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_unsupported_field_is_a_400_naming_it(stack: Stack) -> None:
+    response = httpx.post(
+        f"{stack.gateway_url}/v1/chat/completions",
+        json={"model": "auto", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 2}},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "logit_bias"
+
+
+def test_models_are_listed(client: openai.OpenAI) -> None:
+    ids = {model.id for model in client.models.list()}
+    assert {"auto", "light", "heavy", "tiny-light", "tiny-heavy"} <= ids
+
+
+async def read_until(consumer: AIOKafkaConsumer, match, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+    """The first record whose value satisfies `match`, or fail after `timeout`."""
+    async with asyncio.timeout(timeout):
+        async for record in consumer:
+            if match(record.value):
+                return record.value
+    raise AssertionError("unreachable")
+
+
+async def test_a_producer_without_the_gateway_reads_its_result(stack: Stack) -> None:
+    request = ChatRequest(messages=[ChatMessage(role="user", content="straight to Kafka")], max_tokens=4)
+    consumer = AIOKafkaConsumer(
+        topics.RESULTS, bootstrap_servers=stack.infra.kafka_bootstrap, group_id=f"test-{uuid.uuid4()}",
+        auto_offset_reset="latest",
+    )  # fmt: skip
+    producer = AIOKafkaProducer(bootstrap_servers=stack.infra.kafka_bootstrap, acks="all")
+    await consumer.start()
+    await producer.start()
+    try:
+        await wait_for_assignment(consumer)
+        await producer.send_and_wait(topics.REQUESTS, request.model_dump_json().encode(), key=request.request_id.encode())
+        raw = await read_until(consumer, lambda value: ChatResult.model_validate_json(value).request_id == request.request_id)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    result = ChatResult.model_validate_json(raw)
+    assert result.ok and result.choices[0].message.role == "assistant"
+    assert result.usage.completion_tokens <= 4
+
+
+async def wait_for_assignment(consumer: AIOKafkaConsumer) -> None:
+    """Block until the group gave this consumer its partitions and their positions are known."""
+    async with asyncio.timeout(30):
+        while not consumer.assignment():
+            await asyncio.sleep(0.1)
+        for partition in consumer.assignment():
+            await consumer.position(partition)
+
+
+async def test_malformed_message_is_dead_lettered_and_the_router_keeps_going(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    marker = f"garbage-{uuid.uuid4()}"
+    consumer = AIOKafkaConsumer(
+        topics.DEADLETTER, bootstrap_servers=stack.infra.kafka_bootstrap, group_id=f"test-{uuid.uuid4()}",
+        auto_offset_reset="latest",
+    )  # fmt: skip
+    producer = AIOKafkaProducer(bootstrap_servers=stack.infra.kafka_bootstrap, acks="all")
+    await consumer.start()
+    await producer.start()
+    try:
+        await wait_for_assignment(consumer)
+        await producer.send_and_wait(topics.REQUESTS, f"{{{marker}".encode())
+        raw = await read_until(consumer, lambda value: marker in DeadLetter.model_validate_json(value).payload)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    letter = DeadLetter.model_validate_json(raw)
+    assert letter.service == "router" and letter.source_topic == topics.REQUESTS
+    completion = await asyncio.to_thread(
+        client.chat.completions.create, model="auto", messages=[{"role": "user", "content": "still there?"}]
+    )
+    assert completion.choices[0].message.content is not None
