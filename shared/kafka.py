@@ -58,7 +58,8 @@ def make_broker(settings: CommonSettings, *, service: str, registry: CollectorRe
             KafkaPrometheusMiddleware(registry=registry, app_name=service, metrics_prefix="autoglm"),
             KafkaTelemetryMiddleware(),
         ],
-        logger=logging.getLogger(f"faststream.{service}"),
+        logger=logging.getLogger(f"autoglm.bus.{service}"),
+        log_level=logging.DEBUG,  # one line per message is too much at INFO
         graceful_timeout=30.0,
         description="Open-AutoGLM message bus",
         **PRODUCER_DEFAULTS,

@@ -52,5 +52,5 @@ def create_app(settings: ExporterSettings | None = None) -> AsgiFastStream:
         on_startup=[prepare],
         after_shutdown=[close_engine],
         asyncapi_path="/asyncapi",
-        logger=logging.getLogger(f"faststream.{SERVICE}"),
+        logger=logging.getLogger(f"autoglm.app.{SERVICE}"),
     )

@@ -35,5 +35,5 @@ def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
         asgi_routes=ops_routes(SERVICE, registry, ready),
         on_startup=[create_topics],
         asyncapi_path="/asyncapi",
-        logger=logging.getLogger(f"faststream.{SERVICE}"),
+        logger=logging.getLogger(f"autoglm.app.{SERVICE}"),
     )

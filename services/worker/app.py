@@ -69,5 +69,5 @@ def create_app(settings: WorkerSettings | None = None) -> AsgiFastStream:
         on_startup=[load],
         after_shutdown=[unload],
         asyncapi_path="/asyncapi",
-        logger=logging.getLogger(f"faststream.{SERVICE}"),
+        logger=logging.getLogger(f"autoglm.app.{SERVICE}"),
     )

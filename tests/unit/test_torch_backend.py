@@ -11,7 +11,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from services.worker.backends.base import Backend, GenerationInput, GenerationOutput  # noqa: E402
+from services.worker.backends.base import GenerationInput, GenerationOutput  # noqa: E402
 from services.worker.backends.torch_backend import (  # noqa: E402
     TorchBackend,
     finish_output,
@@ -61,14 +61,13 @@ def test_load_puts_the_model_on_the_cpu_in_eval_mode_with_left_padding(light: To
     import torch
 
     assert light.model_id == "tiny-light"
-    assert isinstance(light, Backend)
     assert light.device == torch.device("cpu")
     assert not light.model.training
     assert next(light.model.parameters()).dtype == torch.float32
     assert light.tokenizer.padding_side == "left"
 
 
-def test_load_never_reaches_for_the_network(tmp_path: Path) -> None:
+def test_load_of_a_missing_directory_fails_without_downloading(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         TorchBackend.load("missing", tmp_path / "no-such-model", device="cpu", max_context_tokens=CONTEXT)
 
@@ -132,7 +131,7 @@ def test_greedy_does_not_depend_on_batch_companions(backend: TorchBackend) -> No
         companions = [ask("long", LONG_PROMPT, max_tokens=8), ask("x", prompt, max_tokens=24), ask("hi", "Hi")]
         in_batch = backend.generate(companions)[1]
         assert in_batch == alone
-        assert backend.generate(companions)[0].prompt_tokens > 3 * alone.prompt_tokens  # really padded
+        assert len(backend.encode_prompt(companions[0])) > 3 * alone.prompt_tokens  # really padded
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(backend: TorchBackend) -> None:

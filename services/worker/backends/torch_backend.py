@@ -373,4 +373,4 @@ def tokens_until_stop(tokenizer: PreTrainedTokenizerBase, tokens: list[int], sto
             low = middle + 1
         else:
             high = middle
-    return high
+    return len(tokens)
