@@ -279,9 +279,7 @@ def is_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def ensure_tiny_checkpoints(
-    models_dir: Path, *, force: bool = False, log: Callable[[str], None] = print
-) -> list[Path]:
+def ensure_tiny_checkpoints(models_dir: Path, *, force: bool = False, log: Callable[[str], None] = print) -> list[Path]:
     """Build `tiny-light` and `tiny-heavy` under `models_dir` unless already there; returns their paths."""
     paths = []
     for name, size in TINY_CHECKPOINTS.items():

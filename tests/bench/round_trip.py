@@ -3,7 +3,8 @@
 Starts the test stack (real Kafka, PostgreSQL, four services), then measures:
   * in-process: the tiny light model generating one token, called directly (no bus);
   * sequential: one client, requests one after another through gateway -> router -> worker;
-  * concurrent: several clients at once (dynamic batching at work).
+  * concurrent: several clients at once (dynamic batching at work);
+each HTTP scenario once per batching window (`--max-wait-ms`), restarting the light worker.
 The figures that matter are the ratios: what the bus adds on top of the model.
 """
 
@@ -20,7 +21,7 @@ from services.worker.backends.base import GenerationInput
 from services.worker.backends.torch_backend import TorchBackend
 from services.worker.checkpoints import ensure_tiny_checkpoints
 from shared.messages import ChatMessage
-from tests.e2e.harness import TEST_VAR_DIR, build_stack, start_infra, stop_infra
+from tests.e2e.harness import TEST_VAR_DIR, Stack, build_stack, start_infra, stop_infra
 
 BODY = {"model": "tiny-light", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
 
@@ -78,11 +79,49 @@ async def bench_http(url: str, count: int, concurrency: int) -> tuple[list[float
     return samples, time.perf_counter() - started
 
 
+def restart_light_worker(stack: Stack, max_wait_ms: int) -> None:
+    """Run the light pool's worker with another batching window."""
+    worker = next(service for service in stack.services if service.name == "worker-light")
+    worker.stop()
+    worker.env["AUTOGLM_POOLS__LIGHT__BATCHING__MAX_WAIT_MS"] = str(max_wait_ms)
+    worker.start(stack.env)
+    stack.wait_ready()
+
+
+def run_scenarios(stack: Stack, args: argparse.Namespace, models_dir: str) -> list[str]:
+    """Every measurement, in one run against one stack."""
+    url = f"{stack.gateway_url}/v1/chat/completions"
+    local = bench_in_process(models_dir, args.requests)
+    lines = [describe("model in-process", local, sum(local) / 1000)]
+    medians, throughputs = {}, {}
+    for max_wait_ms in args.max_wait_ms:
+        restart_light_worker(stack, max_wait_ms)
+        sequential, seq_s = asyncio.run(bench_http(url, args.requests, 1))
+        concurrent, conc_s = asyncio.run(bench_http(url, args.requests, args.concurrency))
+        lines.append(describe(f"HTTP seq, wait={max_wait_ms}ms", sequential, seq_s))
+        lines.append(describe(f"HTTP c={args.concurrency}, wait={max_wait_ms}ms", concurrent, conc_s))
+        medians[max_wait_ms] = statistics.median(sequential)
+        throughputs[max_wait_ms] = len(concurrent) / conc_s
+    first = args.max_wait_ms[0]
+    lines.append("")
+    lines.append(
+        f"bus round trip adds {medians[first] - statistics.median(local):.1f} ms at p50 over the model alone "
+        f"(wait={first}ms: {medians[first] / statistics.median(local):.1f}x the in-process p50)"
+    )
+    for max_wait_ms in args.max_wait_ms[1:]:
+        lines.append(
+            f"wait={max_wait_ms}ms vs wait={first}ms: sequential p50 {medians[max_wait_ms] / medians[first]:.2f}x, "
+            f"throughput at c={args.concurrency} {throughputs[max_wait_ms] / throughputs[first]:.2f}x"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print the table and the ratios."""
     parser = argparse.ArgumentParser(prog="python -m tests.bench.round_trip", description=__doc__)
     parser.add_argument("--requests", type=int, default=200, help="requests per HTTP scenario")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=int, nargs="+", default=[0, 50], help="batching windows to compare")
     args = parser.parse_args(argv)
 
     models_dir = TEST_VAR_DIR / "models"
@@ -93,21 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     stack.start()
     try:
         stack.wait_ready()
-        url = f"{stack.gateway_url}/v1/chat/completions"
-        local = bench_in_process(str(models_dir), args.requests)
-        sequential, seq_s = asyncio.run(bench_http(url, args.requests, 1))
-        concurrent, conc_s = asyncio.run(bench_http(url, args.requests, args.concurrency))
+        lines = run_scenarios(stack, args, str(models_dir))
     finally:
         stack.stop()
         stop_infra()
-    print()
-    print(describe("model in-process", local, sum(local) / 1000))
-    print(describe("HTTP sequential", sequential, seq_s))
-    print(describe(f"HTTP concurrency={args.concurrency}", concurrent, conc_s))
-    overhead = statistics.median(sequential) - statistics.median(local)
-    print(f"\nbus round trip adds {overhead:.1f} ms at p50 "
-          f"(sequential p50 / in-process p50 = {statistics.median(sequential) / statistics.median(local):.1f}x)")
-    print(f"concurrency {args.concurrency} vs sequential throughput: {(len(concurrent) / conc_s) / (len(sequential) / seq_s):.2f}x")
+    print("\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.worker.checkpoints import ensure_tiny_checkpoints
-from tests.e2e.harness import TEST_VAR_DIR, Infra, Stack, build_stack, start_infra, stop_infra
+from tests.e2e.harness import Infra, Stack, build_stack, start_infra, stop_infra
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -26,17 +25,9 @@ def infra() -> Iterator[Infra]:
 
 
 @pytest.fixture(scope="session")
-def models_dir() -> Path:
-    """Tiny light and heavy checkpoints, built once and kept between runs."""
-    directory = TEST_VAR_DIR / "models"
-    ensure_tiny_checkpoints(directory)
-    return directory
-
-
-@pytest.fixture(scope="session")
-def stack(infra: Infra, models_dir: Path) -> Iterator[Stack]:
+def stack(infra: Infra, tiny_models_dir: Path) -> Iterator[Stack]:
     """The four services, ready end to end; stopped with SIGTERM afterwards."""
-    running = build_stack(infra, models_dir)
+    running = build_stack(infra, tiny_models_dir)
     running.start()
     try:
         running.wait_ready()

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import httpx
 
+from shared.settings import var_dir
+
 REPO = Path(__file__).resolve().parents[2]
-TEST_VAR_DIR = Path(os.environ.get("AUTOGLM_TEST_VAR_DIR", REPO / "var" / "test"))
+TEST_VAR_DIR = var_dir() / "test"
 KAFKA_PORT = 29092
 PG_PORT = 55433
 GATEWAY_PORT = 18000

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -14,8 +15,8 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from services.worker import checkpoints  # noqa: E402
-from services.worker.checkpoints import (  # noqa: E402
+from services.worker import checkpoints
+from services.worker.checkpoints import (
     BUILD_INFO_FILE,
     build_tiny_checkpoint,
     ensure_tiny_checkpoints,
@@ -56,9 +57,7 @@ def test_builds_both_checkpoints_as_complete_directories(models_dir: Path) -> No
     assert sorted(path.name for path in models_dir.iterdir()) == ["tiny-heavy", "tiny-light"]
 
 
-@pytest.mark.parametrize(
-    ("name", "layers", "hidden"), [("tiny-light", 2, 64), ("tiny-heavy", 4, 128)]
-)
+@pytest.mark.parametrize(("name", "layers", "hidden"), [("tiny-light", 2, 64), ("tiny-heavy", 4, 128)])
 def test_checkpoint_reloads_with_transformers(models_dir: Path, name: str, layers: int, hidden: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -109,9 +108,9 @@ def test_chat_template_writes_turns_and_generation_prompt(models_dir: Path) -> N
         "<|assistant|>\nHello!<|eos|>\n<|user|>\nBye<|eos|>\n<|assistant|>\n"
     )
     without_prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=False, tokenize=False)
-    assert not without_prompt.endswith("<|assistant|>\n")
+    assert isinstance(without_prompt, str) and not without_prompt.endswith("<|assistant|>\n")
     # Role markers are single special tokens, which decoding with skip_special_tokens removes.
-    ids = tokenizer.apply_chat_template(conversation[:2], tokenize=True, return_dict=False)
+    ids = cast(list[int], tokenizer.apply_chat_template(conversation[:2], tokenize=True, return_dict=False))
     assert tokenizer.convert_tokens_to_ids("<|user|>") in ids
     assert "<|" not in tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -173,9 +172,7 @@ def test_a_crash_mid_build_leaves_no_half_checkpoint(tmp_path: Path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_crash_while_rebuilding_keeps_the_old_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_crash_while_rebuilding_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = build_tiny_checkpoint(tmp_path / "tiny-light", size="light")
     before = file_digest(path / "model.safetensors")
 

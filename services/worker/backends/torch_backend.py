@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from jinja2.exceptions import TemplateError
@@ -126,14 +126,14 @@ class PerRowStoppingCriteria(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         generated = input_ids[:, self.prompt_width :]
         done = [self._row_done(row, generated[row]) for row in range(generated.shape[0])]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, torch.tensor(done, dtype=torch.bool, device=input_ids.device))
 
     def _row_done(self, row: int, generated: torch.Tensor) -> bool:
         if generated.shape[0] >= self.max_tokens[row]:
             return True
         if not self.stops[row]:
             return False
-        tail = self.tokenizer.decode(generated[-self.tail_tokens[row] :], skip_special_tokens=True)
+        tail = decode_text(self.tokenizer, generated[-self.tail_tokens[row] :].tolist())
         return first_stop_position(tail, self.stops[row]) is not None
 
 
@@ -160,9 +160,7 @@ class TorchBackend:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(
-        cls, model_id: str, path: Path, *, device: str = "auto", max_context_tokens: int
-    ) -> TorchBackend:
+    def load(cls, model_id: str, path: Path, *, device: str = "auto", max_context_tokens: int) -> TorchBackend:
         """Load a checkpoint directory (never the network) onto `device` (`auto`, `cpu` or `cuda`)."""
         started = time.perf_counter()
         target = resolve_device(device)
@@ -170,7 +168,7 @@ class TorchBackend:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype_for(target))
         prepare_tokenizer_for_batching(tokenizer)
-        model.to(target).eval()
+        model.to(target).eval()  # type: ignore[arg-type]  # transformers' wrapped .to() confuses mypy
         warn_if_context_exceeds_model(model_id, model, max_context_tokens)
         logger.info(
             "loaded model %s from %s on %s (%s): %d parameters in %.2f s",
@@ -183,9 +181,14 @@ class TorchBackend:
         )
         return cls(model_id, model, tokenizer, target, max_context_tokens)
 
+    def require_model(self) -> PreTrainedModel:
+        if self.model is None:
+            raise RuntimeError(f"backend for {self.model_id} is closed")
+        return self.model
+
     def _eos_token_ids(self) -> set[int]:
         """Every token that ends a turn: the generation config may list several (e.g. EOS and end-of-turn)."""
-        configured = self.model.generation_config.eos_token_id if self.model is not None else None
+        configured = self.require_model().generation_config.eos_token_id
         if configured is None:
             configured = self.tokenizer.eos_token_id
         if configured is None:
@@ -196,8 +199,7 @@ class TorchBackend:
 
     def generate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
         """Run one batch; output order = input order. Bad requests get an error output of their own."""
-        if self.model is None:
-            raise RuntimeError(f"backend for {self.model_id} is closed")
+        self.require_model()
         with self._lock, torch.inference_mode():
             outputs: dict[int, GenerationOutput] = {}
             runnable: list[EncodedRequest] = []
@@ -230,7 +232,7 @@ class TorchBackend:
         conversation = [{"role": message.role, "content": message.content} for message in request.messages]
         # sanitize_control_tokens: special tokens typed by the user are encoded as text, not as control
         # tokens, so user content cannot open a fake system or assistant turn.
-        return self.tokenizer.apply_chat_template(
+        return self.tokenizer.apply_chat_template(  # type: ignore[return-value]  # list[int] for one chat
             conversation,
             add_generation_prompt=True,
             tokenize=True,
@@ -250,8 +252,9 @@ class TorchBackend:
         ).to(self.device)
         prompt_width = padded["input_ids"].shape[1]
         stopping = StoppingCriteriaList([PerRowStoppingCriteria(self.tokenizer, prompt_width, requests)])
-        with self._seeded(requests[0].seed if len(group) == 1 else None):
-            sequences = self.model.generate(
+        with self._seeded(requests[0].seed if requests[0].temperature > 0 else None):  # seeded groups hold one
+            sequences = generate_tokens(
+                self.require_model(),
                 **padded,
                 generation_config=self._generation_config(requests),
                 stopping_criteria=stopping,
@@ -276,9 +279,7 @@ class TorchBackend:
             return GenerationConfig(do_sample=False, **common)
         # The API has no top_k: 0 turns off transformers' default of 50, leaving nucleus sampling over
         # the whole vocabulary as OpenAI's API does.
-        return GenerationConfig(
-            do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0, **common
-        )
+        return GenerationConfig(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0, **common)
 
     @contextmanager
     def _seeded(self, seed: int | None) -> Iterator[None]:
@@ -335,6 +336,16 @@ def error_output(request: GenerationInput, prompt_tokens: int, message: str) -> 
     )
 
 
+def generate_tokens(model: PreTrainedModel, **kwargs: Any) -> torch.Tensor:
+    """`model.generate()` returning the token tensor (transformers' annotations do not type-check here)."""
+    return cast(torch.Tensor, cast(Any, model).generate(**kwargs))
+
+
+def decode_text(tokenizer: PreTrainedTokenizerBase, token_ids: list[int]) -> str:
+    """The text of generated tokens; control tokens (EOS, role markers) are not part of an answer."""
+    return cast(str, tokenizer.decode(token_ids, skip_special_tokens=True))
+
+
 def finish_output(
     tokenizer: PreTrainedTokenizerBase,
     eos_token_ids: set[int],
@@ -344,7 +355,7 @@ def finish_output(
 ) -> GenerationOutput:
     """Cut one row's tokens at max_tokens / EOS / the first stop string, and count what is kept."""
     tokens, hit_eos = cut_at_eos(new_tokens[: request.max_tokens], eos_token_ids)
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    text = decode_text(tokenizer, tokens)
     stops = effective_stops(request)
     if (position := first_stop_position(text, stops)) is not None:
         kept = tokens_until_stop(tokenizer, tokens, stops)
@@ -352,8 +363,8 @@ def finish_output(
     # EOS means the model ended its turn, even on the last allowed token. (Short of max_tokens with
     # neither EOS nor a stop string only happens if the early tail check matched what the exact check
     # does not, e.g. a stop string with U+FFFD; the row did stop, so "stop".)
-    reason = "length" if len(tokens) >= request.max_tokens and not hit_eos else "stop"
-    return GenerationOutput(request.request_id, text, prompt_tokens, len(tokens), reason)
+    ran_out = len(tokens) >= request.max_tokens and not hit_eos
+    return GenerationOutput(request.request_id, text, prompt_tokens, len(tokens), "length" if ran_out else "stop")
 
 
 def cut_at_eos(tokens: list[int], eos_token_ids: set[int]) -> tuple[list[int], bool]:
@@ -369,8 +380,8 @@ def tokens_until_stop(tokenizer: PreTrainedTokenizerBase, tokens: list[int], sto
     low, high = 1, len(tokens)
     while low < high:
         middle = (low + high) // 2
-        if first_stop_position(tokenizer.decode(tokens[:middle], skip_special_tokens=True), stops) is None:
+        if first_stop_position(decode_text(tokenizer, tokens[:middle]), stops) is None:
             low = middle + 1
         else:
             high = middle
-    return len(tokens)
+    return high
