@@ -28,14 +28,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_build_tiny(args: argparse.Namespace) -> int:
     """Build the tiny light and heavy checkpoints (random weights, local tokenizer) if missing."""
-    from services.worker.checkpoints import build_tiny_checkpoint, ensure_tiny_checkpoints
+    from services.worker.checkpoints import ensure_tiny_checkpoints
 
     models_dir = Path(args.models_dir) if args.models_dir else load_settings(StackSettings).models_dir
-    if args.force:
-        for size in ("light", "heavy"):
-            build_tiny_checkpoint(models_dir / f"tiny-{size}", size=size)
-    else:
-        ensure_tiny_checkpoints(models_dir)
+    ensure_tiny_checkpoints(models_dir, force=args.force)
     print(f"tiny checkpoints in {models_dir}")
     return 0
 
@@ -77,9 +73,7 @@ def cmd_asyncapi(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `autoglm` and its subcommands."""
-    parser = argparse.ArgumentParser(
-        prog="autoglm", description="Open-AutoGLM: LLM inference serving on Apache Kafka."
-    )
+    parser = argparse.ArgumentParser(prog="autoglm", description="Open-AutoGLM: LLM inference serving on Apache Kafka.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help=cmd_run.__doc__, description=cmd_run.__doc__)

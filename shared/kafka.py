@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
-from pydantic import ValidationError
 from faststream import ExceptionMiddleware
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaBroker as KafkaBrokerDep
@@ -15,6 +15,7 @@ from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from shared import topics
 from shared.messages import ChatResult, DeadLetter, ReplyRoute
@@ -37,9 +38,7 @@ def dead_letter_middleware(service: str) -> ExceptionMiddleware:
     middleware = ExceptionMiddleware()
 
     @middleware.add_handler(ValidationError)
-    async def dead_letter_invalid(
-        error: ValidationError, message: KafkaMessage, broker: KafkaBrokerDep
-    ) -> None:
+    async def dead_letter_invalid(error: ValidationError, message: KafkaMessage, broker: KafkaBrokerDep) -> None:
         record = message.raw_message
         topic = record[0].topic if isinstance(record, tuple) else record.topic
         await publish_dead_letter(broker, service=service, source_topic=topic, body=message.body, error=error)
@@ -92,10 +91,8 @@ async def ensure_topics(settings: CommonSettings) -> list[str]:
             if name not in existing
         ]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another service was faster
                 await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass  # another service created them at the same moment
         return [topic.name for topic in missing]
     finally:
         await admin.close()

@@ -12,9 +12,7 @@ from datetime import UTC, datetime
 
 from opentelemetry import trace
 
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "request_id", default=None
-)
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Literal, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import (
@@ -104,9 +104,7 @@ class TopicsConfig(BaseModel):
 class CommonSettings(BaseSettings):
     """Settings every service reads."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="AUTOGLM_", env_nested_delimiter="__", extra="ignore", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="AUTOGLM_", env_nested_delimiter="__", extra="ignore", frozen=True)
 
     kafka_bootstrap: str = "127.0.0.1:19092"
     database_url: str = "postgresql+asyncpg://autoglm:autoglm@127.0.0.1:55432/autoglm"
@@ -170,7 +168,7 @@ def describe_validation_error(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_settings(cls: type[SettingsT], **overrides: object) -> SettingsT:
+def load_settings(cls: type[SettingsT], **overrides: Any) -> SettingsT:
     """Build settings, or stop the process with a message that names each bad field."""
     try:
         return cls(**overrides)

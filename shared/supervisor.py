@@ -124,9 +124,9 @@ class Supervisor:
         await self.start(child)
 
     @staticmethod
-    async def _wait_exit(process: asyncio.subprocess.Process, timeout: float) -> bool:
+    async def _wait_exit(process: asyncio.subprocess.Process, wait_s: float) -> bool:
         try:
-            await asyncio.wait_for(process.wait(), timeout)
+            await asyncio.wait_for(process.wait(), wait_s)
             return True
         except TimeoutError:
             return False
@@ -168,9 +168,9 @@ class Supervisor:
         self.stopping.set()
 
 
-async def wait_until_ready(url: str, timeout_s: float, supervisor: Supervisor) -> bool:
+async def wait_until_ready(url: str, limit_s: float, supervisor: Supervisor) -> bool:
     """Poll the gateway's /readyz, printing progress, until it answers 200."""
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + limit_s
     last_reason = ""
     async with httpx.AsyncClient(timeout=10.0) as client:
         while time.monotonic() < deadline and not supervisor.stopping.is_set():

@@ -42,7 +42,7 @@ def create_app(settings: ExporterSettings | None = None) -> AsgiFastStream:
         try:
             async with engine.connect() as connection:
                 await connection.execute(text("SELECT 1"))
-        except Exception as error:  # noqa: BLE001 - any failure means not ready
+        except Exception as error:
             return f"PostgreSQL is not reachable: {type(error).__name__}"
         return None
 

@@ -44,7 +44,9 @@ def register_handlers(broker: KafkaBroker, settings: ExporterSettings, engine: A
             title=f"persist {topic}",
         )
 
-    async def persist(message: KafkaMessage, model: type[MessageT], store: Callable[[AsyncEngine, list[MessageT]], Awaitable[int]]) -> None:
+    async def persist(
+        message: KafkaMessage, model: type[MessageT], store: Callable[[AsyncEngine, list[MessageT]], Awaitable[int]]
+    ) -> None:
         try:
             rows = [item for item in parse_all(message.raw_message, model) if not item.probe]
             inserted = await store(engine, rows)
@@ -74,7 +76,12 @@ def parse_all(records: tuple[ConsumerRecord, ...], model: type[MessageT]) -> lis
         try:
             parsed.append(model.model_validate_json(record.value))
         except ValidationError as error:
-            logger.warning("skipping an invalid %s at %s[%d]@%d: %s", model.__name__, record.topic, record.partition, record.offset, error.error_count())
+            logger.warning(
+                "skipping an invalid %s at %s[%d]@%d: %s",
+                model.__name__,
+                record.topic,
+                record.partition,
+                record.offset,
+                error.error_count(),
+            )
     return parsed
-
-

@@ -63,7 +63,9 @@ async def store_results(engine: AsyncEngine, results: list[ChatResult]) -> int:
     return await _insert_new(engine, ResultRow, [result_row(r) for r in results])
 
 
-async def _insert_new(engine: AsyncEngine, table: type[RequestRow] | type[ResultRow], rows: list[dict[str, Any]]) -> int:
+async def _insert_new(
+    engine: AsyncEngine, table: type[RequestRow] | type[ResultRow], rows: list[dict[str, Any]]
+) -> int:
     if not rows:
         return 0
     unique = list({row["request_id"]: row for row in rows}.values())  # a batch may repeat an id

@@ -7,7 +7,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, make_asgi_app
@@ -62,7 +61,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await ensure_topics(settings)
         await broker.start()
-        logger.info("gateway %d reading replies from %s[%d]", settings.gateway.instance, topics.REPLIES, settings.gateway.instance)
+        logger.info(
+            "gateway %d reading replies from %s[%d]",
+            settings.gateway.instance,
+            topics.REPLIES,
+            settings.gateway.instance,
+        )
         try:
             yield
         finally:

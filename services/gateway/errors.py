@@ -18,7 +18,9 @@ logger = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error the client sees, in OpenAI's vocabulary."""
 
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -69,5 +71,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
         return ApiError(500, "The server had an error while processing your request", "server_error").response()

@@ -41,17 +41,17 @@ class ChatService:
         request = body.to_chat_request(new_request_id(), utcnow() + timedelta(seconds=timeout), self.reply_to)
         return await self.round_trip(request, timeout)
 
-    async def round_trip(self, request: ChatRequest, timeout: float) -> ChatResult:
-        """Publish `request` and wait up to `timeout` seconds for its result."""
+    async def round_trip(self, request: ChatRequest, wait_s: float) -> ChatResult:
+        """Publish `request` and wait up to `wait_s` seconds for its result."""
         with bound_request_id(request.request_id):
             future = self.waiters.expect(request.request_id)
             try:
                 await self.publish(request)
-                return await asyncio.wait_for(future, timeout)
+                return await asyncio.wait_for(future, wait_s)
             except TimeoutError:
-                logger.warning("no result within %.1f s", timeout)
+                logger.warning("no result within %.1f s", wait_s)
                 raise ApiError(
-                    504, f"The request did not complete within {timeout:g} s", "timeout", None, "deadline_exceeded"
+                    504, f"The request did not complete within {wait_s:g} s", "timeout", None, "deadline_exceeded"
                 ) from None
             finally:
                 self.waiters.forget(request.request_id)
@@ -64,7 +64,9 @@ class ChatService:
             )
         except Exception as error:
             logger.exception("publishing the request failed")
-            raise ApiError(503, "The request queue is unavailable, retry later", "server_error", None, "unavailable") from error
+            raise ApiError(
+                503, "The request queue is unavailable, retry later", "server_error", None, "unavailable"
+            ) from error
 
     async def probe(self) -> str | None:
         """Send a probe through router and worker; None when it came back, else why not."""

@@ -20,7 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # transformers takes seconds to import; `--help` and `ensure` of present checkpoints skip it
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 CheckpointSize = Literal["light", "heavy"]
 
@@ -131,7 +134,7 @@ MODEL_SHAPES: dict[CheckpointSize, ModelShape] = {
 }
 
 
-def build_tokenizer():  # -> PreTrainedTokenizerFast (imported lazily: transformers is slow to import)
+def build_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `CORPUS`, wrapped for transformers, with the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -161,7 +164,7 @@ def build_tokenizer():  # -> PreTrainedTokenizerFast (imported lazily: transform
     )
 
 
-def build_model(shape: ModelShape, tokenizer, seed: int):  # -> LlamaForCausalLM
+def build_model(shape: ModelShape, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
     """A Llama model of `shape` whose random weights depend only on `seed`."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -187,7 +190,9 @@ def build_model(shape: ModelShape, tokenizer, seed: int):  # -> LlamaForCausalLM
     return model.eval()
 
 
-def build_info(size: CheckpointSize, seed: int, shape: ModelShape, tokenizer, parameters: int) -> dict:
+def build_info(
+    size: CheckpointSize, seed: int, shape: ModelShape, tokenizer: PreTrainedTokenizerFast, parameters: int
+) -> dict[str, Any]:
     """What `autoglm_build.json` records: enough to rebuild the same checkpoint and to recognise it."""
     import tokenizers
     import torch
@@ -216,7 +221,7 @@ def build_info(size: CheckpointSize, seed: int, shape: ModelShape, tokenizer, pa
     }
 
 
-def write_checkpoint(directory: Path, size: CheckpointSize, seed: int) -> dict:
+def write_checkpoint(directory: Path, size: CheckpointSize, seed: int) -> dict[str, Any]:
     """Write tokenizer, model and build info into `directory`; returns the build info."""
     from services.worker.backends.torch_backend import quiet_transformers_progress
 
@@ -247,7 +252,8 @@ def replace_directory(source: Path, target: Path) -> None:
     if not target.exists():
         source.rename(target)
         return
-    # A directory cannot be renamed over a non-empty one: move the old one aside first.
+    # A directory cannot be renamed over a non-empty one: move the old one aside first. Between the two
+    # renames `target` is briefly absent (never half-written); a crash there leaves the old one aside.
     old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     target.rename(old)
     source.rename(target)

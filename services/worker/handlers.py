@@ -56,7 +56,10 @@ def register_handlers(broker: KafkaBroker, settings: WorkerSettings, models: dic
             jobs = await parse_jobs(broker, records)
             results = await run_batch(jobs, models)
             await asyncio.gather(
-                *(publish_result(broker, result, job.request.reply_to) for job, result in zip(jobs, results, strict=True))
+                *(
+                    publish_result(broker, result, job.request.reply_to)
+                    for job, result in zip(jobs, results, strict=True)
+                )
             )
         except Exception:
             logger.exception("batch failed; it will be redelivered in %.1f s", backoff_s)

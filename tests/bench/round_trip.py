@@ -44,7 +44,9 @@ def bench_in_process(models_dir_path: str, count: int) -> list[float]:
     """Latency of the model alone for the same request."""
     from pathlib import Path
 
-    backend = TorchBackend.load("tiny-light", Path(models_dir_path) / "tiny-light", device="cpu", max_context_tokens=512)
+    backend = TorchBackend.load(
+        "tiny-light", Path(models_dir_path) / "tiny-light", device="cpu", max_context_tokens=512
+    )
     request = GenerationInput("bench", [ChatMessage(role="user", content="hi")], max_tokens=1, temperature=0.0)
     samples = []
     for _ in range(count):

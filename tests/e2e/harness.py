@@ -145,6 +145,12 @@ class Stack:
         return {service.name: service.stop() for service in reversed(self.services)}
 
 
+def worker_service(pool: str, port: int) -> Service:
+    """A worker process for `pool` with its ops endpoints on `port`."""
+    env = {"AUTOGLM_WORKER__POOL": pool, "AUTOGLM_WORKER__PORT": str(port)}
+    return Service(f"worker-{pool}", "services.worker", port, env)
+
+
 def build_stack(infra: Infra, models_dir: Path) -> Stack:
     """The stack's services (not started), configured for the test infrastructure."""
     env = {
@@ -161,8 +167,8 @@ def build_stack(infra: Infra, models_dir: Path) -> Stack:
     stack.services = [
         Service("exporter", "services.exporter", 18102, {"AUTOGLM_EXPORTER__PORT": "18102"}),
         Service("router", "services.router", 18101, {"AUTOGLM_ROUTER__PORT": "18101"}),
-        Service("worker-light", "services.worker", 18110, {"AUTOGLM_WORKER__POOL": "light", "AUTOGLM_WORKER__PORT": "18110"}),
-        Service("worker-heavy", "services.worker", 18111, {"AUTOGLM_WORKER__POOL": "heavy", "AUTOGLM_WORKER__PORT": "18111"}),
+        worker_service("light", 18110),
+        worker_service("heavy", 18111),
         Service("gateway", "services.gateway", GATEWAY_PORT, {}),
     ]  # fmt: skip
     return stack

@@ -22,15 +22,15 @@ def plain_dsn(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://")
 
 
-async def fetch_row(stack: Stack, table: str, request_id: str, timeout: float = 30.0) -> asyncpg.Record:
+async def fetch_row(stack: Stack, table: str, request_id: str, limit_s: float = 30.0) -> asyncpg.Record:
     """Poll PostgreSQL until the exporter has stored the row (it writes in batches)."""
     connection = await asyncpg.connect(plain_dsn(stack.infra.database_url))
     try:
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = asyncio.get_running_loop().time() + limit_s
         while True:
-            row = await connection.fetchrow(f"SELECT * FROM {table} WHERE request_id = $1", request_id)  # noqa: S608
+            row = await connection.fetchrow(f"SELECT * FROM {table} WHERE request_id = $1", request_id)
             if row is not None or asyncio.get_running_loop().time() > deadline:
-                assert row is not None, f"{request_id} not in {table} after {timeout} s"
+                assert row is not None, f"{request_id} not in {table} after {limit_s} s"
                 return row
             await asyncio.sleep(0.2)
     finally:
@@ -90,9 +90,9 @@ def test_models_are_listed(client: openai.OpenAI) -> None:
     assert {"auto", "light", "heavy", "tiny-light", "tiny-heavy"} <= ids
 
 
-async def read_until(consumer: AIOKafkaConsumer, match, timeout: float = 60.0):  # type: ignore[no-untyped-def]
-    """The first record whose value satisfies `match`, or fail after `timeout`."""
-    async with asyncio.timeout(timeout):
+async def read_until(consumer: AIOKafkaConsumer, match, limit_s: float = 60.0):  # type: ignore[no-untyped-def]
+    """The first record whose value satisfies `match`, or fail after `limit_s`."""
+    async with asyncio.timeout(limit_s):
         async for record in consumer:
             if match(record.value):
                 return record.value
@@ -110,8 +110,12 @@ async def test_a_producer_without_the_gateway_reads_its_result(stack: Stack) -> 
     await producer.start()
     try:
         await wait_for_assignment(consumer)
-        await producer.send_and_wait(topics.REQUESTS, request.model_dump_json().encode(), key=request.request_id.encode())
-        raw = await read_until(consumer, lambda value: ChatResult.model_validate_json(value).request_id == request.request_id)
+        await producer.send_and_wait(
+            topics.REQUESTS, request.model_dump_json().encode(), key=request.request_id.encode()
+        )
+        raw = await read_until(
+            consumer, lambda value: ChatResult.model_validate_json(value).request_id == request.request_id
+        )
     finally:
         await producer.stop()
         await consumer.stop()
@@ -123,7 +127,7 @@ async def test_a_producer_without_the_gateway_reads_its_result(stack: Stack) -> 
 async def wait_for_assignment(consumer: AIOKafkaConsumer) -> None:
     """Block until the group gave this consumer its partitions and their positions are known."""
     async with asyncio.timeout(30):
-        while not consumer.assignment():
+        while not consumer.assignment():  # noqa: ASYNC110 - aiokafka offers no assignment event
             await asyncio.sleep(0.1)
         for partition in consumer.assignment():
             await consumer.position(partition)

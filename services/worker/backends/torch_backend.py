@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from jinja2.exceptions import TemplateError
@@ -41,8 +41,6 @@ from transformers.utils import logging as transformers_logging
 from services.worker.backends.base import GenerationInput, GenerationOutput
 
 logger = logging.getLogger(__name__)
-
-DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 
 @contextmanager
@@ -107,7 +105,8 @@ def first_stop_position(text: str, stops: Sequence[str]) -> int | None:
 
 
 class PerRowStoppingCriteria(StoppingCriteria):
-    """Ends each row at its own `max_tokens` or stop strings, so finished rows stop costing decode work.
+    """Ends each row at its own `max_tokens` or stop string: a finished row is padded from then on, and the
+    whole call returns as soon as every row is done instead of running to the group's largest max_tokens.
 
     Stop strings are searched in the decoded tail only (enough tokens to hold the longest stop string);
     this is an early exit, not the final word: outputs are cut exactly after generation.
@@ -287,10 +286,13 @@ class TorchBackend:
         if seed is None:
             yield
             return
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        devices = [self._cuda_index()] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             yield
+
+    def _cuda_index(self) -> int:
+        return torch.cuda.current_device() if self.device.index is None else self.device.index
 
     # ------------------------------------------------------------------ closing
 
