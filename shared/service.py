@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
 from faststream.asgi import AsgiResponse, get
@@ -14,10 +15,20 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, make_asgi_app
 
+from shared.logging import setup_logging
+from shared.settings import CommonSettings
+
 logger = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], Awaitable[str | None]]
 """Returns None when ready, else the reason it is not."""
+
+
+class Listener(Protocol):
+    """A settings section that says where a service listens."""
+
+    host: str
+    port: int
 
 
 def setup_tracing(service: str) -> None:
@@ -45,6 +56,24 @@ def ops_routes(service: str, registry: CollectorRegistry, ready: ReadyCheck) -> 
         return _json(503, {"status": "not ready", "service": service, "reason": reason})
 
     return [("/healthz", healthz), ("/readyz", readyz), ("/metrics", make_asgi_app(registry))]
+
+
+def run_service(
+    *,
+    service: str,
+    settings: CommonSettings,
+    create_app: Callable[[Any], Any],
+    listen: Listener,
+) -> None:
+    """Set up logging and serve the app built from `settings` on the service's host and port."""
+    setup_logging(service, settings.log_level, settings.log_format)
+    serve(create_app(settings), host=listen.host, port=listen.port, service=service)
+
+
+def parse_help(prog: str, description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """`--help` for a service that takes no arguments (its settings come from the file and env)."""
+    epilog = "Configured by deploy/deployment.yaml and AUTOGLM_* environment variables (see README)."
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog).parse_args(argv)
 
 
 def serve(app: Any, *, host: str, port: int, service: str) -> None:

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
-
 from services.exporter.app import SERVICE, create_app
 from services.exporter.config import ExporterSettings
-from shared.logging import setup_logging
-from shared.service import serve
+from shared.service import parse_help, run_service
 from shared.settings import load_settings
+
+DESCRIPTION = "Open-AutoGLM exporter: persists requests and results from Kafka into PostgreSQL."
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse --help, load settings, run until SIGTERM."""
-    argparse.ArgumentParser(
-        prog="python -m services.exporter",
-        description="Open-AutoGLM exporter: persists requests and results from Kafka into PostgreSQL. "
-        "Configured by deploy/deployment.yaml and AUTOGLM_* environment variables.",
-    ).parse_args(argv)
+    """Parse --help, load settings, serve until SIGTERM."""
+    parse_help("python -m services.exporter", DESCRIPTION, argv)
     settings = load_settings(ExporterSettings)
-    setup_logging(SERVICE, settings.log_level, settings.log_format)
-    serve(create_app(settings), host=settings.exporter.host, port=settings.exporter.port, service=SERVICE)
+    run_service(service=SERVICE, settings=settings, create_app=create_app, listen=settings.exporter)
 
 
 if __name__ == "__main__":

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
-
 from services.gateway.app import SERVICE, create_app
 from services.gateway.config import GatewaySettings
-from shared.logging import setup_logging
-from shared.service import serve
+from shared.service import parse_help, run_service
 from shared.settings import load_settings
+
+DESCRIPTION = "Open-AutoGLM gateway: OpenAI-compatible HTTP API (127.0.0.1:8000 by default)."
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse --help, load settings, serve HTTP until SIGTERM."""
-    argparse.ArgumentParser(
-        prog="python -m services.gateway",
-        description="Open-AutoGLM gateway: OpenAI-compatible HTTP API on 127.0.0.1:8000 by default. "
-        "Configured by deploy/deployment.yaml and AUTOGLM_* environment variables.",
-    ).parse_args(argv)
+    """Parse --help, load settings, serve until SIGTERM."""
+    parse_help("python -m services.gateway", DESCRIPTION, argv)
     settings = load_settings(GatewaySettings)
-    setup_logging(SERVICE, settings.log_level, settings.log_format)
-    serve(create_app(settings), host=settings.gateway.host, port=settings.gateway.port, service=SERVICE)
+    run_service(service=SERVICE, settings=settings, create_app=create_app, listen=settings.gateway)
 
 
 if __name__ == "__main__":

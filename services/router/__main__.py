@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
-
 from services.router.app import SERVICE, create_app
 from services.router.config import RouterSettings
-from shared.logging import setup_logging
-from shared.service import serve
+from shared.service import parse_help, run_service
 from shared.settings import load_settings
+
+DESCRIPTION = "Open-AutoGLM router: scores each request and sends it to a pool's jobs topic."
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse --help, load settings, run until SIGTERM."""
-    argparse.ArgumentParser(
-        prog="python -m services.router",
-        description="Open-AutoGLM router: scores each request and sends it to a pool's jobs topic. "
-        "Configured by deploy/deployment.yaml and AUTOGLM_* environment variables.",
-    ).parse_args(argv)
+    """Parse --help, load settings, serve until SIGTERM."""
+    parse_help("python -m services.router", DESCRIPTION, argv)
     settings = load_settings(RouterSettings)
-    setup_logging(SERVICE, settings.log_level, settings.log_format)
-    serve(create_app(settings), host=settings.router.host, port=settings.router.port, service=SERVICE)
+    run_service(service=SERVICE, settings=settings, create_app=create_app, listen=settings.router)
 
 
 if __name__ == "__main__":

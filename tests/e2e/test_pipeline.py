@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Callable
 
 import asyncpg
 import httpx
@@ -90,40 +91,6 @@ def test_models_are_listed(client: openai.OpenAI) -> None:
     assert {"auto", "light", "heavy", "tiny-light", "tiny-heavy"} <= ids
 
 
-async def read_until(consumer: AIOKafkaConsumer, match, limit_s: float = 60.0):  # type: ignore[no-untyped-def]
-    """The first record whose value satisfies `match`, or fail after `limit_s`."""
-    async with asyncio.timeout(limit_s):
-        async for record in consumer:
-            if match(record.value):
-                return record.value
-    raise AssertionError("unreachable")
-
-
-async def test_a_producer_without_the_gateway_reads_its_result(stack: Stack) -> None:
-    request = ChatRequest(messages=[ChatMessage(role="user", content="straight to Kafka")], max_tokens=4)
-    consumer = AIOKafkaConsumer(
-        topics.RESULTS, bootstrap_servers=stack.infra.kafka_bootstrap, group_id=f"test-{uuid.uuid4()}",
-        auto_offset_reset="latest",
-    )  # fmt: skip
-    producer = AIOKafkaProducer(bootstrap_servers=stack.infra.kafka_bootstrap, acks="all")
-    await consumer.start()
-    await producer.start()
-    try:
-        await wait_for_assignment(consumer)
-        await producer.send_and_wait(
-            topics.REQUESTS, request.model_dump_json().encode(), key=request.request_id.encode()
-        )
-        raw = await read_until(
-            consumer, lambda value: ChatResult.model_validate_json(value).request_id == request.request_id
-        )
-    finally:
-        await producer.stop()
-        await consumer.stop()
-    result = ChatResult.model_validate_json(raw)
-    assert result.ok and result.choices[0].message.role == "assistant"
-    assert result.usage.completion_tokens <= 4
-
-
 async def wait_for_assignment(consumer: AIOKafkaConsumer) -> None:
     """Block until the group gave this consumer its partitions and their positions are known."""
     async with asyncio.timeout(30):
@@ -133,24 +100,54 @@ async def wait_for_assignment(consumer: AIOKafkaConsumer) -> None:
             await consumer.position(partition)
 
 
-async def test_malformed_message_is_dead_lettered_and_the_router_keeps_going(
-    client: openai.OpenAI, stack: Stack
-) -> None:
-    marker = f"garbage-{uuid.uuid4()}"
-    consumer = AIOKafkaConsumer(
-        topics.DEADLETTER, bootstrap_servers=stack.infra.kafka_bootstrap, group_id=f"test-{uuid.uuid4()}",
-        auto_offset_reset="latest",
-    )  # fmt: skip
-    producer = AIOKafkaProducer(bootstrap_servers=stack.infra.kafka_bootstrap, acks="all")
+async def publish_and_read(
+    stack: Stack, *, send: bytes, key: bytes | None, watch: str, match: Callable[[bytes], bool]
+) -> bytes:
+    """Publish `send` to the requests topic and return the first record on `watch` that `match`es."""
+    bootstrap = stack.infra.kafka_bootstrap
+    group = f"test-{uuid.uuid4()}"
+    consumer = AIOKafkaConsumer(watch, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="latest")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await consumer.start()
     await producer.start()
     try:
         await wait_for_assignment(consumer)
-        await producer.send_and_wait(topics.REQUESTS, f"{{{marker}".encode())
-        raw = await read_until(consumer, lambda value: marker in DeadLetter.model_validate_json(value).payload)
+        await producer.send_and_wait(topics.REQUESTS, send, key=key)
+        async with asyncio.timeout(60):
+            async for record in consumer:
+                if match(record.value):
+                    return record.value  # type: ignore[no-any-return]
     finally:
         await producer.stop()
         await consumer.stop()
+    raise AssertionError("the consumer stopped")
+
+
+async def test_a_producer_without_the_gateway_reads_its_result(stack: Stack) -> None:
+    request = ChatRequest(messages=[ChatMessage(role="user", content="straight to Kafka")], max_tokens=4)
+    raw = await publish_and_read(
+        stack,
+        send=request.model_dump_json().encode(),
+        key=request.request_id.encode(),
+        watch=topics.RESULTS,
+        match=lambda value: ChatResult.model_validate_json(value).request_id == request.request_id,
+    )
+    result = ChatResult.model_validate_json(raw)
+    assert result.ok and result.choices[0].message.role == "assistant"
+    assert result.usage.completion_tokens <= 4
+
+
+async def test_malformed_message_is_dead_lettered_and_the_router_keeps_going(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    marker = f"garbage-{uuid.uuid4()}"
+    raw = await publish_and_read(
+        stack,
+        send=f"{{{marker}".encode(),
+        key=None,
+        watch=topics.DEADLETTER,
+        match=lambda value: marker in DeadLetter.model_validate_json(value).payload,
+    )
     letter = DeadLetter.model_validate_json(raw)
     assert letter.service == "router" and letter.source_topic == topics.REQUESTS
     completion = await asyncio.to_thread(
