@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -128,8 +129,11 @@ async def publish_dead_letter(
 async def publish_result(broker: KafkaBroker, result: ChatResult, reply_to: ReplyRoute | None) -> None:
     """Publish a result to the results topic and, when someone waits for it, to their reply route."""
     key = result.request_id.encode()
-    await broker.publish(result, topics.RESULTS, key=key, correlation_id=result.request_id)
+    sends = [broker.publish(result, topics.RESULTS, key=key, correlation_id=result.request_id)]
     if reply_to is not None:
-        await broker.publish(
-            result, reply_to.topic, partition=reply_to.partition, key=key, correlation_id=result.request_id
+        sends.append(
+            broker.publish(
+                result, reply_to.topic, partition=reply_to.partition, key=key, correlation_id=result.request_id
+            )
         )
+    await asyncio.gather(*sends)  # both acknowledged (acks=all) before the caller commits
