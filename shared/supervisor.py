@@ -37,6 +37,7 @@ class ServiceSpec:
     module: str
     port: int
     env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Supervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / f"{child.spec.name}.log").open("ab")
         child.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", child.spec.module,
+            sys.executable, "-m", child.spec.module, *child.spec.args,
             env={**os.environ, **child.spec.env, "AUTOGLM_LOG_FORMAT": "json"},
             stdout=log, stderr=log, start_new_session=True,
         )  # fmt: skip

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import asyncpg
 from aiokafka import ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
@@ -17,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.exporter.config import ExporterSettings
 from services.exporter.store import store_requests, store_results
 from shared import topics
-from shared.kafka import FETCH_MAX_WAIT_MS
+from shared.kafka import FETCH_MAX_WAIT_MS, publish_dead_letter
 from shared.messages import ChatRequest, ChatResult
 
 logger = logging.getLogger(__name__)
@@ -47,16 +48,39 @@ def register_handlers(broker: KafkaBroker, settings: ExporterSettings, engine: A
     async def persist(
         message: KafkaMessage, model: type[MessageT], store: Callable[[AsyncEngine, list[MessageT]], Awaitable[int]]
     ) -> None:
+        items = [(record, item) for record, item in parse_all(message.raw_message, model) if not item.probe]
         try:
-            rows = [item for item in parse_all(message.raw_message, model) if not item.probe]
-            inserted = await store(engine, rows)
+            try:
+                inserted = await store(engine, [item for _, item in items])
+            except Exception as error:
+                if not is_unstorable(error):
+                    raise
+                logger.warning("a batch of %s holds an unstorable row; storing it row by row", model.__name__)
+                inserted = await store_each_or_dead_letter(items, store)
         except Exception:
             logger.exception("storing %s failed; retrying the batch in %.1f s", model.__name__, backoff_s)
             await asyncio.sleep(backoff_s)
             await message.nack()
             return
         await message.ack()
-        logger.debug("stored %d new %s rows of %d", inserted, model.__name__, len(rows))
+        logger.debug("stored %d new %s rows of %d", inserted, model.__name__, len(items))
+
+    async def store_each_or_dead_letter(
+        items: list[tuple[ConsumerRecord, MessageT]], store: Callable[[AsyncEngine, list[MessageT]], Awaitable[int]]
+    ) -> int:
+        """Store rows one at a time; a row the database refuses goes to the dead-letter topic."""
+        inserted = 0
+        for record, item in items:
+            try:
+                inserted += await store(engine, [item])
+            except Exception as error:
+                if not is_unstorable(error):
+                    raise
+                await publish_dead_letter(
+                    broker, service="exporter", source_topic=record.topic, body=record.value,
+                    error=error, request_id=item.request_id,
+                )  # fmt: skip
+        return inserted
 
     @batch_subscriber(topics.REQUESTS)
     async def persist_requests(message: KafkaMessage) -> None:
@@ -69,12 +93,22 @@ def register_handlers(broker: KafkaBroker, settings: ExporterSettings, engine: A
         await persist(message, ChatResult, store_results)
 
 
-def parse_all(records: tuple[ConsumerRecord, ...], model: type[MessageT]) -> list[MessageT]:
-    """Valid messages of a batch. Invalid ones are skipped: the router dead-letters bad requests."""
+def is_unstorable(error: BaseException) -> bool:
+    """True when PostgreSQL refused the data itself, so retrying the same rows cannot help."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, asyncpg.exceptions.DataError | asyncpg.exceptions.IntegrityConstraintViolationError):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+def parse_all(records: tuple[ConsumerRecord, ...], model: type[MessageT]) -> list[tuple[ConsumerRecord, MessageT]]:
+    """Valid messages of a batch with their records. Invalid ones are skipped: the router dead-letters them."""
     parsed = []
     for record in records:
         try:
-            parsed.append(model.model_validate_json(record.value))
+            parsed.append((record, model.model_validate_json(record.value)))
         except ValidationError as error:
             logger.warning(
                 "skipping an invalid %s at %s[%d]@%d: %s",

@@ -11,6 +11,17 @@ from services.exporter.tables import RequestRow, ResultRow
 from shared.messages import ChatRequest, ChatResult
 
 
+def without_nul(value: Any) -> Any:
+    """PostgreSQL text and JSONB cannot hold U+0000, which model output and user input may contain."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {key: without_nul(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_nul(item) for item in value]
+    return value
+
+
 def request_row(request: ChatRequest) -> dict[str, Any]:
     """The `requests` row of a chat request."""
     return {
@@ -68,7 +79,7 @@ async def _insert_new(
 ) -> int:
     if not rows:
         return 0
-    unique = list({row["request_id"]: row for row in rows}.values())  # a batch may repeat an id
+    unique = [without_nul(row) for row in {row["request_id"]: row for row in rows}.values()]  # ids may repeat
     statement = insert(table).values(unique).on_conflict_do_nothing(index_elements=["request_id"])
     async with engine.begin() as connection:
         outcome = await connection.execute(statement)

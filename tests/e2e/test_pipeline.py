@@ -11,7 +11,8 @@ import asyncpg
 import httpx
 import openai
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from shared import topics
 from shared.messages import ChatMessage, ChatRequest, ChatResult, DeadLetter
@@ -154,3 +155,80 @@ async def test_malformed_message_is_dead_lettered_and_the_router_keeps_going(
         client.chat.completions.create, model="auto", messages=[{"role": "user", "content": "still there?"}]
     )
     assert completion.choices[0].message.content is not None
+
+
+async def test_a_redelivered_request_never_duplicates_a_row(stack: Stack) -> None:
+    request = ChatRequest(messages=[ChatMessage(role="user", content="twice")], max_tokens=2)
+    bootstrap = stack.infra.kafka_bootstrap
+    results = AIOKafkaConsumer(topics.RESULTS, bootstrap_servers=bootstrap, group_id=f"test-{uuid.uuid4()}")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await results.start()
+    await producer.start()
+    try:
+        await wait_for_assignment(results)
+        for _ in range(2):
+            await producer.send_and_wait(topics.REQUESTS, request.model_dump_json().encode(), key=b"same")
+        copies = await read_results_of(results, request.request_id, count=2)
+    finally:
+        await producer.stop()
+        await results.stop()
+    await wait_until_exporter_committed(bootstrap, copies[-1])
+    connection = await asyncpg.connect(plain_dsn(stack.infra.database_url))
+    try:
+        for table in ("requests", "results"):
+            count = await connection.fetchval(f"SELECT count(*) FROM {table} WHERE request_id = $1", request.request_id)
+            assert count == 1, f"{count} rows in {table}"
+    finally:
+        await connection.close()
+
+
+async def read_results_of(consumer: AIOKafkaConsumer, request_id: str, count: int) -> list[ConsumerRecord]:
+    """The first `count` result records of `request_id`."""
+    found: list[ConsumerRecord] = []
+    async with asyncio.timeout(60):
+        async for record in consumer:
+            if ChatResult.model_validate_json(record.value).request_id == request_id:
+                found.append(record)
+                if len(found) == count:
+                    return found
+    raise AssertionError("the consumer stopped")
+
+
+async def wait_until_exporter_committed(bootstrap: str, record: ConsumerRecord) -> None:
+    """Block until the exporter's group has committed past `record`, i.e. stored it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    partition = TopicPartition(record.topic, record.partition)
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                offsets = await admin.list_consumer_group_offsets(f"autoglm-exporter-{topics.RESULTS}")
+                if partition in offsets and offsets[partition].offset > record.offset:
+                    return
+                await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+
+
+async def test_an_unstorable_row_is_dead_lettered_and_does_not_block_its_partition(stack: Stack) -> None:
+    # NUL is valid JSON but not valid PostgreSQL text: stored with a replacement character.
+    with_nul = ChatRequest(messages=[ChatMessage(role="user", content="a\x00b")], max_tokens=1)
+    # A model name longer than the column: PostgreSQL refuses the row whatever we do.
+    too_long = ChatRequest(messages=[ChatMessage(role="user", content="hi")], model="m" * 300)
+    raw = await publish_and_read(
+        stack,
+        send=too_long.model_dump_json().encode(),
+        key=b"one-partition",
+        watch=topics.DEADLETTER,
+        match=lambda value: DeadLetter.model_validate_json(value).service == "exporter",
+    )
+    letter = DeadLetter.model_validate_json(raw)
+    assert letter.request_id == too_long.request_id and "too long" in letter.reason
+    producer = AIOKafkaProducer(bootstrap_servers=stack.infra.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.REQUESTS, with_nul.model_dump_json().encode(), key=b"one-partition")
+    finally:
+        await producer.stop()
+    row = await fetch_row(stack, "requests", with_nul.request_id)
+    assert json.loads(row["messages"])[0]["content"] == "a\ufffdb"
