@@ -15,6 +15,7 @@ from services.gateway.api import router
 from services.gateway.config import GatewaySettings
 from services.gateway.errors import install_error_handlers
 from services.gateway.handlers import register_handlers
+from services.gateway.observability import install_http_observability
 from services.gateway.replies import ReplyWaiters
 from services.gateway.serving import ChatService
 from shared import topics
@@ -76,6 +77,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.chat = chat
     app.state.broker = broker
     install_error_handlers(app)
+    install_http_observability(app, registry)
     app.include_router(router)
     add_ops_routes(app, readiness, registry)
     return app

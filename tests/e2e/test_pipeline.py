@@ -232,3 +232,19 @@ async def test_an_unstorable_row_is_dead_lettered_and_does_not_block_its_partiti
         await producer.stop()
     row = await fetch_row(stack, "requests", with_nul.request_id)
     assert json.loads(row["messages"])[0]["content"] == "a\ufffdb"
+
+
+def test_one_trace_id_follows_the_request_through_the_services(stack: Stack) -> None:
+    response = httpx.post(
+        f"{stack.gateway_url}/v1/chat/completions",
+        json={"model": "auto", "messages": [{"role": "user", "content": "trace me"}], "max_tokens": 1},
+        timeout=60,
+    )
+    trace_id = response.headers["X-Trace-Id"]
+    assert response.status_code == 200 and len(trace_id) == 32
+    router_log = next(service for service in stack.services if service.name == "router").log_path.read_text()
+    routed = [json.loads(line) for line in router_log.splitlines() if trace_id in line]
+    assert any(
+        entry.get("request_id") == response.json()["id"] and entry["message"].startswith("routed to")
+        for entry in routed
+    )
