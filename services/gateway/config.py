@@ -1,6 +1,8 @@
 """Gateway settings: the shared deployment settings plus the gateway's own section."""
 
-from pydantic import BaseModel, Field
+from typing import Self
+
+from pydantic import BaseModel, Field, model_validator
 
 from shared.settings import CommonSettings
 
@@ -22,3 +24,12 @@ class GatewaySettings(CommonSettings):
     """Everything the gateway reads (env prefix AUTOGLM_, e.g. AUTOGLM_GATEWAY__INSTANCE=1)."""
 
     gateway: GatewayOptions = Field(default_factory=GatewayOptions)
+
+    @model_validator(mode="after")
+    def _instance_has_a_reply_partition(self) -> Self:
+        if self.gateway.instance >= self.topics.replies.partitions:
+            raise ValueError(
+                f"gateway.instance: {self.gateway.instance} needs a reply partition, but "
+                f"topics.replies.partitions is {self.topics.replies.partitions}"
+            )
+        return self

@@ -51,8 +51,9 @@ def register_handlers(broker: KafkaBroker, settings: WorkerSettings, models: dic
     )
     async def handle_jobs(message: KafkaMessage) -> None:
         """Run a batch; on any failure rewind to its first records so nothing is lost."""
-        records = await top_up(message.consumer, message.raw_message, batching)
+        records = message.raw_message
         try:
+            records = await top_up(message.consumer, records, batching)
             jobs = await parse_jobs(broker, records)
             results = await run_batch(jobs, models)
             await asyncio.gather(

@@ -55,3 +55,12 @@ def test_another_deployment_file(monkeypatch: pytest.MonkeyPatch, tmp_path) -> N
     settings = load_settings(WorkerSettings, worker={"pool": "only"})
     assert settings.find_model("m1") == ("only", settings.pools["only"].models[0])
     assert str(settings.model_path(settings.pools["only"].models[0])) == "/models/m1"
+
+
+def test_a_gateway_instance_needs_its_reply_partition(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AUTOGLM_GATEWAY__INSTANCE", "8")
+    with pytest.raises(ConfigError):
+        load_settings(GatewaySettings)
+    assert "gateway.instance: 8 needs a reply partition" in capsys.readouterr().err
