@@ -23,6 +23,7 @@ def build_asyncapi() -> dict[str, Any]:
     from services.router.handlers import register_handlers as router_handlers
     from services.worker.config import WorkerSettings
     from services.worker.handlers import register_handlers as worker_handlers
+    from services.worker.metrics import WorkerMetrics
     from shared.kafka import make_broker
     from shared.settings import load_settings
 
@@ -32,7 +33,7 @@ def build_asyncapi() -> dict[str, Any]:
     router_handlers(broker, settings)
     for pool in settings.pools:
         worker_settings = load_settings(WorkerSettings, worker={"pool": pool})
-        worker_handlers(broker, worker_settings, {})
+        worker_handlers(broker, worker_settings, {}, WorkerMetrics.create(CollectorRegistry(), pool))
     exporter_handlers(broker, load_settings(ExporterSettings), engine=None)  # type: ignore[arg-type]
     gateway_handlers(broker, load_settings(GatewaySettings), ReplyWaiters())
     spec = AsyncAPI(broker, title="Open-AutoGLM message bus", version="1", schema_version="3.0.0")

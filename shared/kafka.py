@@ -77,7 +77,13 @@ def topic_partitions(settings: CommonSettings) -> dict[str, int]:
     }
     for name, pool in settings.pools.items():
         wanted[topics.jobs_topic(name)] = pool.partitions
+        wanted[topics.retry_topic(name)] = pool.partitions
+    wanted[topics.REGISTRY] = 1
     return wanted
+
+
+COMPACTED_TOPICS = {topics.REGISTRY}
+"""Topics that keep only the latest message per key."""
 
 
 async def ensure_topics(settings: CommonSettings) -> list[str]:
@@ -87,7 +93,12 @@ async def ensure_topics(settings: CommonSettings) -> list[str]:
     try:
         existing = set(await admin.list_topics())
         missing = [
-            NewTopic(name, num_partitions=count, replication_factor=settings.topics.replication_factor)
+            NewTopic(
+                name,
+                num_partitions=count,
+                replication_factor=settings.topics.replication_factor,
+                topic_configs={"cleanup.policy": "compact"} if name in COMPACTED_TOPICS else {},
+            )
             for name, count in topic_partitions(settings).items()
             if name not in existing
         ]
@@ -112,10 +123,12 @@ async def publish_dead_letter(
     body: bytes,
     error: Exception,
     request_id: str | None = None,
+    attempts: int = 1,
 ) -> None:
     """Send an unprocessable message to the dead-letter topic with the reason."""
     letter = DeadLetter(
         request_id=request_id,
+        attempts=attempts,
         source_topic=source_topic,
         service=service,
         error_type=type(error).__name__,

@@ -40,23 +40,41 @@ class Batching(BaseModel):
 
 
 class ModelConfig(BaseModel):
-    """One model a pool serves."""
+    """One model a pool serves. Which fields matter depends on the pool's backend."""
 
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    path: Path = Field(description="HF-format checkpoint dir; relative paths are under models_dir.")
+    version: str = Field(default="1", description="Model version, reported in the registry.")
+    path: Path | None = Field(
+        default=None, description="torch / tensorrt: HF-format checkpoint dir; relative paths are under models_dir."
+    )
+    endpoint: str | None = Field(
+        default=None, description="openai: base URL (…/v1); triton: host:port of the gRPC endpoint."
+    )
+    upstream_model: str | None = Field(default=None, description="Model name at the endpoint (default: id).")
+    api_key_env: str | None = Field(default=None, description="openai: env var holding the API key.")
+    precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
     max_context_tokens: int = Field(default=2048, ge=16)
     default_max_tokens: int = Field(default=64, ge=1)
+    timeout_s: float = Field(default=60.0, gt=0, description="openai / triton: per-call timeout.")
 
 
 class PoolConfig(BaseModel):
     """A pool of identical workers fed by one jobs topic."""
 
     models: list[ModelConfig] = Field(min_length=1)
-    backend: Literal["torch"] = "torch"
+    backend: Literal["torch", "openai", "triton", "tensorrt"] = "torch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     replicas: int = Field(default=1, ge=0, le=64)
     partitions: int = Field(default=4, ge=1, le=256)
     batching: Batching = Field(default_factory=Batching)
+
+    @model_validator(mode="after")
+    def _models_say_where_they_are(self) -> Self:
+        needs = "endpoint" if self.backend in ("openai", "triton") else "path"
+        for model in self.models:
+            if getattr(model, needs) is None:
+                raise ValueError(f"model {model.id!r}: the {self.backend} backend needs `{needs}`")
+        return self
 
 
 class RoutingConfig(BaseModel):
@@ -139,7 +157,9 @@ class CommonSettings(BaseSettings):
         return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file))
 
     def model_path(self, model: ModelConfig) -> Path:
-        """Absolute checkpoint directory of a model."""
+        """Absolute checkpoint directory of a model (for backends that load one)."""
+        if model.path is None:
+            raise ValueError(f"model {model.id!r} has no checkpoint path")
         return model.path if model.path.is_absolute() else self.models_dir / model.path
 
     def find_model(self, model_id: str) -> tuple[str, ModelConfig] | None:

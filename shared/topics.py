@@ -18,3 +18,14 @@ JOBS_PREFIX = "autoglm.jobs."
 def jobs_topic(pool: str) -> str:
     """Topic that feeds the workers of `pool` (RoutedJob)."""
     return f"{JOBS_PREFIX}{pool}"
+
+
+RETRY_PREFIX = "autoglm.retry."
+
+REGISTRY = "autoglm.registry"
+"""ModelCard heartbeats, keyed by worker instance and model; compacted (latest card per key)."""
+
+
+def retry_topic(pool: str) -> str:
+    """Topic of `pool`'s jobs waiting for another attempt (RoutedJob, attempt in headers)."""
+    return f"{RETRY_PREFIX}{pool}"

@@ -9,10 +9,11 @@ import time
 from faststream.asgi import AsgiFastStream
 from prometheus_client import CollectorRegistry
 
-from services.worker.backends.torch_backend import TorchBackend
+from services.worker.backends import load_backend
 from services.worker.config import WorkerSettings
 from services.worker.execution import LoadedModel
 from services.worker.handlers import SERVICE, register_handlers
+from services.worker.metrics import WorkerMetrics
 from shared.kafka import ensure_topics, make_broker
 from shared.service import ops_routes, setup_tracing
 from shared.settings import load_settings
@@ -24,18 +25,15 @@ def load_models(settings: WorkerSettings) -> dict[str, LoadedModel]:
     """Load every model of the worker's pool (blocking; called in a thread at start)."""
     models = {}
     for config in settings.pool.models:
-        path = settings.model_path(config)
-        if not (path / "config.json").exists():
+        checkpoint = settings.model_path(config) if config.path is not None else None
+        if checkpoint is not None and not (checkpoint / "config.json").exists():
             raise FileNotFoundError(
-                f"no checkpoint for model {config.id!r} at {path}; build the tiny ones with "
+                f"no checkpoint for model {config.id!r} at {checkpoint}; build the tiny ones with "
                 "`autoglm models build-tiny` or point models[].path at an HF-format directory"
             )
-        logger.info("loading model %s from %s ...", config.id, path)
+        logger.info("loading model %s with the %s backend ...", config.id, settings.pool.backend)
         started = time.perf_counter()
-        backend = TorchBackend.load(
-            config.id, path, device=settings.pool.device, max_context_tokens=config.max_context_tokens
-        )
-        models[config.id] = LoadedModel(config, backend)
+        models[config.id] = LoadedModel(config, load_backend(config, settings.pool, checkpoint))
         logger.info("model %s ready in %.1f s", config.id, time.perf_counter() - started)
     return models
 
@@ -47,7 +45,7 @@ def create_app(settings: WorkerSettings | None = None) -> AsgiFastStream:
     registry = CollectorRegistry()
     broker = make_broker(settings, service=SERVICE, registry=registry)
     models: dict[str, LoadedModel] = {}
-    register_handlers(broker, settings, models)
+    register_handlers(broker, settings, models, WorkerMetrics.create(registry, settings.worker.pool))
 
     async def load() -> None:
         await ensure_topics(settings)

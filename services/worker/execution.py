@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime
 
-from services.worker.backends.base import Backend, GenerationInput, GenerationOutput
+from services.worker.backends.base import (
+    Backend,
+    BatchTooLargeError,
+    GenerationInput,
+    GenerationOutput,
+    PermanentBackendError,
+)
 from shared.messages import ChatMessage, ChatResult, Choice, ErrorInfo, RoutedJob, Timings, Usage, utcnow
 from shared.settings import ModelConfig
 
@@ -100,33 +106,71 @@ def unknown_model_result(job: RoutedJob, taken_at: datetime, served: list[str]) 
     return result
 
 
-async def run_batch(jobs: list[RoutedJob], models: dict[str, LoadedModel]) -> list[ChatResult]:
-    """Results for `jobs`, in order. Raises if the backend fails (the batch is then redelivered)."""
+@dataclass(frozen=True)
+class JobFailure:
+    """A job its backend failed on for a reason that may pass: to be retried later."""
+
+    job: RoutedJob
+    error: Exception
+
+
+Outcome = ChatResult | JobFailure
+
+
+async def run_batch(jobs: list[RoutedJob], models: dict[str, LoadedModel]) -> list[Outcome]:
+    """One outcome per job, in order: a result (answer or error) or a failure to retry."""
     taken_at = utcnow()
-    results: dict[str, ChatResult] = {}
+    outcomes: dict[str, Outcome] = {}
     by_model: dict[str, list[RoutedJob]] = defaultdict(list)
     for job in jobs:
         skipped = skipped_result(job, taken_at)
         if skipped is not None:
-            results[job.request_id] = skipped
+            outcomes[job.request_id] = skipped
         elif job.model not in models:
-            results[job.request_id] = unknown_model_result(job, taken_at, sorted(models))
+            outcomes[job.request_id] = unknown_model_result(job, taken_at, sorted(models))
         else:
             by_model[job.model].append(job)
     for model_id, group in by_model.items():
-        for job, result in zip(group, await run_on_model(group, models[model_id], taken_at), strict=True):
-            results[job.request_id] = result
-    return [results[job.request_id] for job in jobs]
+        for job, outcome in zip(group, await run_on_model(group, models[model_id], taken_at), strict=True):
+            outcomes[job.request_id] = outcome
+    return [outcomes[job.request_id] for job in jobs]
 
 
-async def run_on_model(jobs: list[RoutedJob], model: LoadedModel, taken_at: datetime) -> list[ChatResult]:
-    """Run one model's share of the batch in a thread, so the event loop keeps serving Kafka."""
+async def run_on_model(jobs: list[RoutedJob], model: LoadedModel, taken_at: datetime) -> list[Outcome]:
+    """Run one model's share of the batch; halve it while it does not fit in memory."""
     inputs = [generation_input(job, model.config) for job in jobs]
     started = time.perf_counter()
-    outputs = await asyncio.to_thread(model.backend.generate, inputs)
+    try:
+        outputs = await model.backend.agenerate(inputs)
+    except BatchTooLargeError as error:
+        if len(jobs) == 1:
+            return [JobFailure(jobs[0], error)]
+        half = len(jobs) // 2
+        logger.warning("batch of %d did not fit on %s; running it in halves", len(jobs), model.config.id)
+        return [*await run_on_model(jobs[:half], model, taken_at), *await run_on_model(jobs[half:], model, taken_at)]
+    except PermanentBackendError as error:
+        return [backend_refused_result(job, taken_at, error) for job in jobs]
+    except Exception as error:
+        logger.warning("%s failed on a batch of %d: %s: %s", model.config.id, len(jobs), type(error).__name__, error)
+        return [JobFailure(job, error) for job in jobs]
     inference_ms = (time.perf_counter() - started) * 1000.0
     logger.info("ran a batch of %d on %s in %.1f ms", len(jobs), model.config.id, inference_ms)
     return [
         answered_result(job, output, taken_at, inference_ms, len(jobs))
         for job, output in zip(jobs, outputs, strict=True)
     ]
+
+
+def backend_refused_result(job: RoutedJob, taken_at: datetime, error: PermanentBackendError) -> ChatResult:
+    """The engine refused the request itself: answer at once, never retry."""
+    result = base_result(job, taken_at)
+    result.error = ErrorInfo(type="invalid_request_error", code="rejected_by_backend", message=str(error))
+    return result
+
+
+def exhausted_result(job: RoutedJob, attempts: int, error: Exception) -> ChatResult:
+    """The answer for a job that failed on every attempt (it is also dead-lettered)."""
+    result = base_result(job, utcnow())
+    message = f"inference failed after {attempts} attempts: {type(error).__name__}: {error}"
+    result.error = ErrorInfo(type="server_error", code="retries_exhausted", message=message[:2000])
+    return result

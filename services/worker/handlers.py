@@ -1,9 +1,16 @@
-"""The worker's subscriber: a batch of jobs in, one result per job out, then the commit."""
+"""The worker's subscribers: batches of jobs in, one result per job out, then the commit.
+
+A job whose backend fails for a reason that may pass goes to the pool's retry topic with its
+attempt count and a not-before time in the headers; the retry subscriber runs it again after an
+exponential backoff with jitter. After `retries.max_attempts` it is dead-lettered and its caller
+gets an error result. Bad input is answered at once and never retried.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from itertools import chain
 from typing import Any
@@ -15,16 +22,19 @@ from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
 from services.worker.config import WorkerSettings
-from services.worker.execution import LoadedModel, run_batch
+from services.worker.execution import JobFailure, LoadedModel, Outcome, exhausted_result, run_batch
+from services.worker.metrics import WorkerMetrics
 from shared import topics
 from shared.kafka import FETCH_MAX_WAIT_MS, publish_dead_letter, publish_result
 from shared.messages import RoutedJob
-from shared.settings import Batching
+from shared.settings import Batching, RetryConfig
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "worker"
 IDLE_POLL_MS = 5  # how long an idle poll blocks; FastStream also sleeps this long after an empty one
+ATTEMPT_HEADER = "x-autoglm-attempt"
+NOT_BEFORE_HEADER = "x-autoglm-not-before-ms"
 
 
 def group_id(pool: str) -> str:
@@ -32,11 +42,30 @@ def group_id(pool: str) -> str:
     return f"autoglm-worker-{pool}"
 
 
-def register_handlers(broker: KafkaBroker, settings: WorkerSettings, models: dict[str, LoadedModel]) -> None:
-    """Subscribe the worker to its pool's jobs topic, batching as the pool's config says."""
+def register_handlers(
+    broker: KafkaBroker, settings: WorkerSettings, models: dict[str, LoadedModel], metrics: WorkerMetrics
+) -> None:
+    """Subscribe the worker to its pool's jobs topic (batched) and retry topic (one at a time)."""
     pool = settings.worker.pool
     batching = settings.pool.batching
-    backoff_s = settings.retries.backoff.initial_ms / 1000.0
+    settle = Settler(broker, pool, settings.retries)
+
+    async def process(message: KafkaMessage, records: tuple[ConsumerRecord, ...]) -> None:
+        """Run records and settle every outcome; on any failure rewind so nothing is lost."""
+        try:
+            jobs = await parse_jobs(broker, records)
+            outcomes = await run_batch([job for job, _ in jobs], models)
+            metrics.observe(pool, outcomes)
+            await asyncio.gather(
+                *(settle(job, outcome, attempt) for (job, attempt), outcome in zip(jobs, outcomes, strict=True))
+            )
+        except Exception:
+            logger.exception("batch failed; it will be redelivered in %.1f s", settle.backoff_s(1))
+            await asyncio.sleep(settle.backoff_s(1))
+            rewind(message.consumer, records)
+            await message.nack()
+            return
+        await message.ack()
 
     @broker.subscriber(
         topics.jobs_topic(pool),
@@ -45,30 +74,83 @@ def register_handlers(broker: KafkaBroker, settings: WorkerSettings, models: dic
         max_records=batching.max_batch_size if batching.enabled else 1,
         batch_timeout_ms=IDLE_POLL_MS,
         auto_offset_reset="earliest",
-        ack_policy=AckPolicy.MANUAL,  # committed below, only once every result is published
+        ack_policy=AckPolicy.MANUAL,  # committed in process(), only once every outcome is published
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         title=f"run jobs of pool {pool}",
     )
     async def handle_jobs(message: KafkaMessage) -> None:
-        """Run a batch; on any failure rewind to its first records so nothing is lost."""
-        records = message.raw_message
+        """Top the batch up to the batching window, then run it."""
+        records: tuple[ConsumerRecord, ...] = message.raw_message
         try:
             records = await top_up(message.consumer, records, batching)
-            jobs = await parse_jobs(broker, records)
-            results = await run_batch(jobs, models)
-            await asyncio.gather(
-                *(
-                    publish_result(broker, result, job.request.reply_to)
-                    for job, result in zip(jobs, results, strict=True)
-                )
-            )
         except Exception:
-            logger.exception("batch failed; it will be redelivered in %.1f s", backoff_s)
-            await asyncio.sleep(backoff_s)
-            rewind(message.consumer, records)
-            await message.nack()
-            return
-        await message.ack()
+            logger.exception("polling for more jobs failed; running the batch as it is")
+        await process(message, records)
+
+    @broker.subscriber(
+        topics.retry_topic(pool),
+        group_id=f"{group_id(pool)}-retry",
+        auto_offset_reset="earliest",
+        ack_policy=AckPolicy.MANUAL,
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        max_poll_interval_ms=max(300_000, 2 * settings.retries.backoff.max_ms),
+        title=f"retry jobs of pool {pool}",
+    )
+    async def retry_job(message: KafkaMessage) -> None:
+        """Wait until the job's not-before time, then run it again."""
+        record: ConsumerRecord = message.raw_message
+        await asyncio.sleep(max(0.0, header_int(record, NOT_BEFORE_HEADER, 0) / 1000 - time.time()))
+        await process(message, (record,))
+
+
+class Settler:
+    """Publishes what became of a job: its result, another attempt, or a dead letter."""
+
+    def __init__(self, broker: KafkaBroker, pool: str, retries: RetryConfig) -> None:
+        self.broker = broker
+        self.pool = pool
+        self.retries = retries
+
+    def backoff_s(self, attempt: int) -> float:
+        """Exponential backoff with equal jitter: half fixed, half random, so retries spread out."""
+        backoff = self.retries.backoff
+        delay_ms = min(backoff.initial_ms * backoff.multiplier ** (attempt - 1), backoff.max_ms)
+        return (delay_ms / 2 + random.uniform(0, delay_ms / 2)) / 1000
+
+    async def __call__(self, job: RoutedJob, outcome: Outcome, attempt: int) -> None:
+        if not isinstance(outcome, JobFailure):
+            await publish_result(self.broker, outcome, job.request.reply_to)
+        elif attempt < self.retries.max_attempts:
+            await self.retry_later(job, outcome.error, attempt)
+        else:
+            await self.give_up(job, outcome.error, attempt)
+
+    async def retry_later(self, job: RoutedJob, error: Exception, attempt: int) -> None:
+        delay_s = self.backoff_s(attempt)
+        headers = {ATTEMPT_HEADER: str(attempt + 1), NOT_BEFORE_HEADER: str(int((time.time() + delay_s) * 1000))}
+        await self.broker.publish(job, topics.retry_topic(self.pool), key=job.request_id.encode(), headers=headers)
+        logger.warning(
+            "attempt %d of %s failed (%s: %s); retrying in %.2f s",
+            attempt, job.request_id, type(error).__name__, error, delay_s,
+        )  # fmt: skip
+
+    async def give_up(self, job: RoutedJob, error: Exception, attempts: int) -> None:
+        await publish_dead_letter(
+            self.broker, service=SERVICE, source_topic=topics.jobs_topic(self.pool),
+            body=job.model_dump_json().encode(), error=error, request_id=job.request_id, attempts=attempts,
+        )  # fmt: skip
+        await publish_result(self.broker, exhausted_result(job, attempts, error), job.request.reply_to)
+
+
+def header_int(record: ConsumerRecord, name: str, default: int) -> int:
+    """An integer header of a record, or `default`."""
+    for key, value in record.headers or ():
+        if key == name:
+            try:
+                return int(value)
+            except ValueError:
+                return default
+    return default
 
 
 async def top_up(consumer: Any, records: tuple[ConsumerRecord, ...], batching: Batching) -> tuple[ConsumerRecord, ...]:
@@ -98,12 +180,12 @@ def rewind(consumer: Any, records: tuple[ConsumerRecord, ...]) -> None:
         consumer.seek(partition, offset)
 
 
-async def parse_jobs(broker: KafkaBroker, records: tuple[ConsumerRecord, ...]) -> list[RoutedJob]:
-    """Valid jobs of a batch; anything else goes to the dead-letter topic with the reason."""
+async def parse_jobs(broker: KafkaBroker, records: tuple[ConsumerRecord, ...]) -> list[tuple[RoutedJob, int]]:
+    """Valid jobs of a batch with their attempt numbers; anything else is dead-lettered with the reason."""
     jobs = []
     for record in records:
         try:
-            jobs.append(RoutedJob.model_validate_json(record.value))
+            jobs.append((RoutedJob.model_validate_json(record.value), header_int(record, ATTEMPT_HEADER, 1)))
         except ValidationError as error:
             await publish_dead_letter(
                 broker, service=SERVICE, source_topic=record.topic, body=record.value, error=error

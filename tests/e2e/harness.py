@@ -20,9 +20,11 @@ from shared.settings import var_dir
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_VAR_DIR = var_dir() / "test"
-KAFKA_PORT = 29092
-PG_PORT = 55433
-GATEWAY_PORT = 18000
+# Test-only ports, overridable so that several test sessions can run side by side.
+KAFKA_PORT = int(os.environ.get("AUTOGLM_TEST_KAFKA_PORT", "29092"))
+PG_PORT = int(os.environ.get("AUTOGLM_TEST_PG_PORT", "55433"))
+PORT_BASE = int(os.environ.get("AUTOGLM_TEST_PORT_BASE", "18000"))
+GATEWAY_PORT = PORT_BASE
 
 
 def infra_env() -> dict[str, str]:
@@ -165,10 +167,10 @@ def build_stack(infra: Infra, models_dir: Path) -> Stack:
     }
     stack = Stack(infra, env)
     stack.services = [
-        Service("exporter", "services.exporter", 18102, {"AUTOGLM_EXPORTER__PORT": "18102"}),
-        Service("router", "services.router", 18101, {"AUTOGLM_ROUTER__PORT": "18101"}),
-        worker_service("light", 18110),
-        worker_service("heavy", 18111),
+        Service("exporter", "services.exporter", PORT_BASE + 102, {"AUTOGLM_EXPORTER__PORT": str(PORT_BASE + 102)}),
+        Service("router", "services.router", PORT_BASE + 101, {"AUTOGLM_ROUTER__PORT": str(PORT_BASE + 101)}),
+        worker_service("light", PORT_BASE + 110),
+        worker_service("heavy", PORT_BASE + 111),
         Service("gateway", "services.gateway", GATEWAY_PORT, {}),
     ]  # fmt: skip
     return stack

@@ -14,6 +14,7 @@ from services.worker.app import load_models
 from services.worker.config import WorkerSettings
 from services.worker.execution import LoadedModel
 from services.worker.handlers import register_handlers
+from services.worker.metrics import WorkerMetrics
 from shared import topics
 from shared.kafka import make_broker
 from shared.messages import ChatMessage, ChatRequest, ChatResult, DeadLetter, ReplyRoute, RoutedJob, utcnow
@@ -32,7 +33,7 @@ def models(settings: WorkerSettings) -> dict[str, LoadedModel]:
 @pytest.fixture
 def broker(settings: WorkerSettings, models: dict[str, LoadedModel]) -> KafkaBroker:
     broker = make_broker(settings, service="worker", registry=CollectorRegistry())
-    register_handlers(broker, settings, models)
+    register_handlers(broker, settings, models, WorkerMetrics.create(CollectorRegistry(), "light"))
     return broker
 
 

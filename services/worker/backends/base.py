@@ -12,6 +12,14 @@ class PermanentBackendError(Exception):
     """The request itself is bad (e.g. the prompt is longer than the model's context); never retried."""
 
 
+class TransientBackendError(Exception):
+    """The engine failed for a reason that may pass (a timeout, a restarting server); retried later."""
+
+
+class BatchTooLargeError(TransientBackendError):
+    """The batch did not fit in device memory; the worker splits it and runs the halves."""
+
+
 @dataclass(frozen=True)
 class GenerationInput:
     """One request of a batch, reduced to what a model needs."""
@@ -37,13 +45,33 @@ class GenerationOutput:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class BackendInfo:
+    """What a loaded backend tells the model registry about itself."""
+
+    backend: str
+    framework: str
+    device: str
+    precision: str
+    version: str = "1"
+    max_batch_size: int | None = None
+
+
 class Backend(Protocol):
     """A loaded model that generates for a batch of requests."""
 
     model_id: str
 
-    def generate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
-        """Run one batch; blocking (the worker calls it in a thread). Output order = input order."""
+    async def agenerate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
+        """Run one batch without blocking the event loop. Output order = input order.
+
+        Per-request problems are error outputs; whole-batch failures raise TransientBackendError
+        (retried), BatchTooLargeError (split) or PermanentBackendError (answered with an error).
+        """
+        ...
+
+    def info(self) -> BackendInfo:
+        """Metadata for the model registry."""
         ...
 
     def close(self) -> None:

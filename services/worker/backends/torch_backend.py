@@ -15,6 +15,7 @@ How a batch runs:
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+import transformers
 from jinja2.exceptions import TemplateError
 from transformers import (
     AutoModelForCausalLM,
@@ -38,7 +40,7 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from services.worker.backends.base import GenerationInput, GenerationOutput
+from services.worker.backends.base import BackendInfo, BatchTooLargeError, GenerationInput, GenerationOutput
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +197,23 @@ class TorchBackend:
         return {configured} if isinstance(configured, int) else set(configured)
 
     # --------------------------------------------------------------- generation
+
+    async def agenerate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
+        """`generate` in a thread, so the event loop keeps serving Kafka; OOM becomes BatchTooLargeError."""
+        try:
+            return await asyncio.to_thread(self.generate, batch)
+        except torch.OutOfMemoryError as error:
+            raise BatchTooLargeError(f"batch of {len(batch)} did not fit on {self.device}") from error
+
+    def info(self) -> BackendInfo:
+        """Registry metadata: transformers on this device, at the dtype it loaded with."""
+        dtype = str(dtype_for(self.device)).removeprefix("torch.")
+        return BackendInfo(
+            backend="torch",
+            framework=f"transformers-{transformers.__version__}",
+            device=str(self.device),
+            precision=dtype,
+        )
 
     def generate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
         """Run one batch; output order = input order. Bad requests get an error output of their own."""
