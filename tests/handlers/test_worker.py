@@ -11,6 +11,14 @@ from faststream.kafka import KafkaBroker, TestKafkaBroker
 from prometheus_client import CollectorRegistry
 
 from services.worker.app import load_models
+from services.worker.backends.base import (
+    Backend,
+    BackendInfo,
+    BatchTooLargeError,
+    GenerationInput,
+    GenerationOutput,
+    TransientBackendError,
+)
 from services.worker.config import WorkerSettings
 from services.worker.execution import LoadedModel
 from services.worker.handlers import register_handlers
@@ -79,3 +87,82 @@ async def test_expired_probe_and_invalid_jobs_never_reach_the_model(broker: Kafk
     assert by_id[probe.request_id].ok and by_id[probe.request_id].usage.total_tokens == 0
     assert by_id[good.request_id].ok and by_id[good.request_id].timings.batch_size == 1
     assert letter.payload == "not a job" and letter.service == "worker"
+
+
+class FlakyBackend:
+    """The real tiny model behind a fault injector: fails the first `failures` calls, or big batches."""
+
+    def __init__(self, inner: Backend, *, failures: int = 0, max_fit: int | None = None) -> None:
+        self.inner = inner
+        self.model_id = inner.model_id
+        self.failures = failures
+        self.max_fit = max_fit
+        self.batch_sizes: list[int] = []
+
+    async def agenerate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
+        self.batch_sizes.append(len(batch))
+        if self.max_fit is not None and len(batch) > self.max_fit:
+            raise BatchTooLargeError(f"{len(batch)} > {self.max_fit}")
+        if self.failures > 0:
+            self.failures -= 1
+            raise TransientBackendError("the engine is restarting")
+        return await self.inner.agenerate(batch)
+
+    def info(self) -> BackendInfo:
+        return self.inner.info()
+
+    def close(self) -> None:
+        """The inner backend belongs to the module fixture."""
+
+
+def flaky_broker(settings: WorkerSettings, models: dict[str, LoadedModel], backend: FlakyBackend) -> KafkaBroker:
+    flaky_models = {"tiny-light": LoadedModel(models["tiny-light"].config, backend)}
+    broker = make_broker(settings, service="worker", registry=CollectorRegistry())
+    register_handlers(broker, settings, flaky_models, WorkerMetrics.create(CollectorRegistry(), "light"))
+    return broker
+
+
+async def test_a_transient_failure_is_retried_then_answered(
+    settings: WorkerSettings, models: dict[str, LoadedModel]
+) -> None:
+    backend = FlakyBackend(models["tiny-light"].backend, failures=1)
+    async with TestKafkaBroker(flaky_broker(settings, models, backend)) as br:
+        results = br.subscriber(topics.RESULTS)(lambda m: None)  # type: ignore[arg-type]
+        await br.start()
+        sent = job(max_tokens=2)
+        await br.publish_batch(sent, topic=topics.jobs_topic("light"))
+        result = results_of(results.mock)[sent.request_id]
+    assert result.ok and backend.batch_sizes == [1, 1]
+
+
+async def test_exhausted_retries_dead_letter_the_job_and_answer_the_caller(
+    settings: WorkerSettings, models: dict[str, LoadedModel]
+) -> None:
+    backend = FlakyBackend(models["tiny-light"].backend, failures=settings.retries.max_attempts)
+    async with TestKafkaBroker(flaky_broker(settings, models, backend)) as br:
+        results = br.subscriber(topics.RESULTS)(lambda m: None)  # type: ignore[arg-type]
+        letters = br.subscriber(topics.DEADLETTER)(lambda m: None)  # type: ignore[arg-type]
+        retries = br.subscriber(topics.retry_topic("light"))(lambda m: None)  # type: ignore[arg-type]
+        await br.start()
+        sent = job(max_tokens=2)
+        await br.publish_batch(sent, topic=topics.jobs_topic("light"))
+        result = results_of(results.mock)[sent.request_id]
+        letter = DeadLetter.model_validate(letters.mock.call_args.args[0])
+        retried = retries.mock.call_count
+    assert retried == settings.retries.max_attempts - 1
+    assert len(backend.batch_sizes) == settings.retries.max_attempts
+    assert result.error is not None and result.error.code == "retries_exhausted"
+    assert letter.request_id == sent.request_id and letter.attempts == settings.retries.max_attempts
+    assert letter.error_type == "TransientBackendError" and "restarting" in letter.reason
+
+
+async def test_a_batch_too_big_for_memory_is_split(settings: WorkerSettings, models: dict[str, LoadedModel]) -> None:
+    backend = FlakyBackend(models["tiny-light"].backend, max_fit=2)
+    async with TestKafkaBroker(flaky_broker(settings, models, backend)) as br:
+        results = br.subscriber(topics.RESULTS)(lambda m: None)  # type: ignore[arg-type]
+        await br.start()
+        sent = [job(f"prompt {i}", max_tokens=2) for i in range(5)]
+        await br.publish_batch(*sent, topic=topics.jobs_topic("light"))
+        by_id = results_of(results.mock)
+    assert all(by_id[j.request_id].ok for j in sent)
+    assert backend.batch_sizes == [5, 2, 3, 1, 2]  # 5 -> 2 + 3, the 3 -> 1 + 2
