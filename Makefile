@@ -59,8 +59,8 @@ format: setup  ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup  ## measure the HTTP round trip through Kafka (starts its own stack)
-	$(PY) -m tests.bench.round_trip
+bench: setup  ## throughput and latency, batch=1 vs dynamic batching, through the real stack (writes bench/results/latest.json)
+	$(PY) -m tests.bench.serving
 
 asyncapi: setup  ## regenerate docs/asyncapi.json
 	$(VENV)/bin/autoglm asyncapi -o docs/asyncapi.json

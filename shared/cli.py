@@ -71,6 +71,18 @@ def cmd_asyncapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_triton_repo(args: argparse.Namespace) -> int:
+    """Write a Triton model repository (config.pbtxt per model) from the deployment file's triton pools."""
+    from services.worker.triton_repository import write_repository
+
+    written = write_repository(load_settings(StackSettings), Path(args.output), args.pool or None, args.backend)
+    for config in written:
+        print(f"wrote {config}")
+    if not written:
+        print("no triton pools in the deployment file (name pools with --pool)", file=sys.stderr)
+    return 0 if written else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `autoglm` and its subcommands."""
     parser = argparse.ArgumentParser(prog="autoglm", description="Open-AutoGLM: LLM inference serving on Apache Kafka.")
@@ -104,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     topics.add_parser("create", help=cmd_topics.__doc__, description=cmd_topics.__doc__).set_defaults(
         handler=cmd_topics
     )
+
+    triton = commands.add_parser("triton", help="Triton Inference Server").add_subparsers(
+        dest="triton_command", required=True, metavar="SUBCOMMAND"
+    )
+    repo = triton.add_parser("write-repo", help=cmd_triton_repo.__doc__, description=cmd_triton_repo.__doc__)
+    repo.add_argument("--output", required=True, help="model repository directory to write")
+    repo.add_argument("--pool", action="append", help="pool to include, any backend (default: the triton pools)")
+    repo.add_argument("--backend", default="python", choices=["python", "tensorrtllm"], help="Triton backend")
+    repo.set_defaults(handler=cmd_triton_repo)
 
     asyncapi = commands.add_parser("asyncapi", help=cmd_asyncapi.__doc__, description=cmd_asyncapi.__doc__)
     asyncapi.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")

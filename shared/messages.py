@@ -1,7 +1,9 @@
 """Message contracts: one pydantic model per Kafka topic, shared by every service.
 
-Every message carries `request_id` and `schema_version`. Fields are only ever added (with
-defaults), never repurposed, so old consumers keep reading new messages.
+Every message carries `schema_version`; every message about a chat request also carries its
+`request_id` (the registry's `ModelCard` is about a worker, not a request, so it has none).
+Fields are only ever added (with defaults), never repurposed, so old consumers keep reading new
+messages.
 """
 
 from __future__ import annotations
@@ -170,3 +172,49 @@ class DeadLetter(Envelope):
     attempts: int = 1
     payload: str = Field(description="The original message body, decoded as UTF-8 with escapes.")
     failed_at: datetime = Field(default_factory=utcnow)
+
+
+class TensorSpec(BaseModel):
+    """One named input or output of a model: what a caller sends or gets back, KServe-style."""
+
+    name: str = Field(examples=["messages", "choices"])
+    dtype: str = Field(description="Element type; `chat_message` = JSON `{role, content}` with UTF-8 text.")
+    shape: list[int] = Field(description="Dimensions; -1 = variable.", examples=[[-1], [1]])
+    description: str = ""
+
+
+class ModelCard(BaseModel):
+    """A worker's live model: topic `autoglm.registry`, key `<instance_id>/<model_id>` (compacted).
+
+    Not an `Envelope`: a card describes a worker process, not a chat request, so a `request_id` would
+    be a random id that means nothing. It carries `schema_version` like every message. A worker
+    republishes its cards every few seconds (`heartbeat_at`); a card whose heartbeat is older than
+    `ttl_s` is stale, and a record with the same key and a null value (a tombstone) withdraws it.
+    """
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    schema_version: int = Field(default=SCHEMA_VERSION, description="Version of this schema.")
+    model_id: str = Field(min_length=1, examples=["tiny-light"])
+    version: str = Field(default="1", description="Model version from the deployment file.")
+    pool: str = Field(min_length=1, examples=["light"])
+    backend: str = Field(examples=["torch", "openai", "triton", "tensorrt"])
+    framework: str = Field(description="Engine and its version.", examples=["transformers-4.57.1"])
+    precision: str = Field(description="Weights' dtype as loaded.", examples=["float32", "float16"])
+    device: str = Field(examples=["cpu", "cuda:0"])
+    max_batch_size: int = Field(ge=1, description="Most requests one batch of this worker holds.")
+    max_context_tokens: int = Field(ge=1, description="Prompt plus completion, in tokens.")
+    inputs: list[TensorSpec] = Field(default_factory=list)
+    outputs: list[TensorSpec] = Field(default_factory=list)
+    instance_id: str = Field(min_length=1, description="Worker process: host, pid and a random suffix.")
+    started_at: datetime = Field(description="When the worker process started serving.")
+    heartbeat_at: datetime = Field(default_factory=utcnow, description="When this card was published.")
+    ttl_s: float = Field(default=30.0, gt=0, description="The card is stale this long after its heartbeat.")
+    status: Literal["serving", "draining"] = Field(
+        default="serving", description="`draining`: finishing its work before leaving; takes no new work."
+    )
+
+    @property
+    def key(self) -> str:
+        """The record key: one card per worker instance and model."""
+        return f"{self.instance_id}/{self.model_id}"

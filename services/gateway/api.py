@@ -6,9 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from services.gateway.errors import error_from_result
+from services.gateway.errors import ApiError, error_from_result
+from services.gateway.models import find_model, list_models
 from services.gateway.protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelCard, ModelList
 from services.gateway.serving import ChatService
+from shared.registry import RegistryView
 
 
 def get_chat_service(request: Request) -> ChatService:
@@ -17,7 +19,14 @@ def get_chat_service(request: Request) -> ChatService:
     return service
 
 
+def get_registry(request: Request) -> RegistryView:
+    """The app's view of the model registry (fed by the broker)."""
+    registry: RegistryView = request.app.state.registry
+    return registry
+
+
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
+RegistryDep = Annotated[RegistryView, Depends(get_registry)]
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 500, 503, 504)}
 
 router = APIRouter(prefix="/v1", responses=ERRORS)  # type: ignore[arg-type]
@@ -32,9 +41,18 @@ async def create_chat_completion(body: ChatCompletionRequest, chat: ChatServiceD
     return ChatCompletionResponse.from_result(result)
 
 
-@router.get("/models", response_model=ModelList)
-async def list_models(chat: ChatServiceDep) -> ModelList:
-    """Models that can be requested: `auto`, each pool, and each served model."""
-    pools = chat.settings.pools
-    names = ["auto", *pools, *(model.id for pool in pools.values() for model in pool.models)]
-    return ModelList(data=[ModelCard(id=name) for name in names])
+@router.get("/models", response_model=ModelList, response_model_exclude_none=True)
+async def get_models(chat: ChatServiceDep, registry: RegistryDep) -> ModelList:
+    """Models that can be requested: `auto`, each pool and each model that a live worker serves."""
+    return ModelList(data=list_models(chat.settings, registry))
+
+
+@router.get("/models/{model_id}", response_model=ModelCard, response_model_exclude_none=True)
+async def get_model(model_id: str, chat: ChatServiceDep, registry: RegistryDep) -> ModelCard:
+    """One entry of the list; an OpenAI 404 when it is not there."""
+    model = find_model(chat.settings, registry, model_id)
+    if model is None:
+        raise ApiError(
+            404, f"The model '{model_id}' does not exist", "invalid_request_error", "model", "model_not_found"
+        )
+    return model

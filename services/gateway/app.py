@@ -20,6 +20,7 @@ from services.gateway.replies import ReplyWaiters
 from services.gateway.serving import ChatService
 from shared import topics
 from shared.kafka import ensure_topics, make_broker
+from shared.registry import RegistryView
 from shared.service import setup_tracing
 from shared.settings import load_settings
 
@@ -56,7 +57,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     chat = ChatService(broker, settings, waiters)
     readiness = Readiness(chat, settings.gateway.readiness_ttl_s)
 
+    registry_view = RegistryView()  # `registry` is the metrics registry
+
     register_handlers(broker, settings, waiters)
+    registry_view.subscribe(broker, title="model registry (gateway)")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,6 +80,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app = FastAPI(title="Open-AutoGLM gateway", version="0.1.0", lifespan=lifespan)
     app.state.chat = chat
     app.state.broker = broker
+    app.state.registry = registry_view
     install_error_handlers(app)
     install_http_observability(app, registry)
     app.include_router(router)

@@ -69,12 +69,19 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
-    """One entry of `GET /v1/models`."""
+    """One entry of `GET /v1/models`: OpenAI's model object; our extra fields are left out when unknown."""
 
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "autoglm"
+    pool: str | None = Field(default=None, description="Pool serving this model (a pool's own entry: itself).")
+    backend: str | None = Field(default=None, examples=["torch"])
+    version: str | None = None
+    precision: str | None = Field(default=None, description="Only from the registry: as loaded by a worker.")
+    device: str | None = Field(default=None, description="Only from the registry.")
+    max_context_tokens: int | None = None
+    instances: int | None = Field(default=None, description="Only from the registry: live workers serving it.")
 
 
 class ModelList(BaseModel):

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from services.router.config import RouterSettings
 from services.router.handlers import register_handlers
 from shared.kafka import ensure_topics, make_broker
+from shared.registry import RegistryView
 from shared.service import ops_routes, setup_tracing
 from shared.settings import load_settings
 
@@ -23,6 +24,9 @@ def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
     registry = CollectorRegistry()
     broker = make_broker(settings, service=SERVICE, registry=registry)
     register_handlers(broker, settings)
+    # Routing does not consult the registry yet; the view is kept current (and in the broker's context
+    # as `registry`) so the router can learn to skip pools that have no live worker.
+    RegistryView().subscribe(broker, title="model registry (router)")
 
     async def ready() -> str | None:
         return None if await broker.ping(timeout=2.0) else "Kafka is not reachable"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime
 
 from faststream.asgi import AsgiFastStream
 from prometheus_client import CollectorRegistry
@@ -15,6 +16,8 @@ from services.worker.execution import LoadedModel
 from services.worker.handlers import SERVICE, register_handlers
 from services.worker.metrics import WorkerMetrics
 from shared.kafka import ensure_topics, make_broker
+from shared.messages import ModelCard, utcnow
+from shared.registry import CHAT_INPUTS, CHAT_OUTPUTS, RegistryPublisher, new_instance_id
 from shared.service import ops_routes, setup_tracing
 from shared.settings import load_settings
 
@@ -38,18 +41,55 @@ def load_models(settings: WorkerSettings) -> dict[str, LoadedModel]:
     return models
 
 
+def model_card(settings: WorkerSettings, model: LoadedModel, instance_id: str, started_at: datetime) -> ModelCard:
+    """The registry card of one loaded model: its configuration plus what its backend reports."""
+    info = model.backend.info()
+    batching = settings.pool.batching
+    max_batch_size = batching.max_batch_size if batching.enabled else 1
+    if info.max_batch_size is not None:  # the engine's own limit, when it has one, also binds
+        max_batch_size = min(max_batch_size, info.max_batch_size)
+    return ModelCard(
+        model_id=model.config.id,
+        version=model.config.version,
+        pool=settings.worker.pool,
+        backend=info.backend,
+        framework=info.framework,
+        precision=info.precision,
+        device=info.device,
+        max_batch_size=max_batch_size,
+        max_context_tokens=model.config.max_context_tokens,
+        inputs=CHAT_INPUTS,
+        outputs=CHAT_OUTPUTS,
+        instance_id=instance_id,
+        started_at=started_at,
+        ttl_s=settings.worker.registry.ttl_s,
+    )
+
+
 def create_app(settings: WorkerSettings | None = None) -> AsgiFastStream:
-    """A worker as an ASGI FastStream app; models load before the subscriber starts."""
+    """A worker as an ASGI FastStream app; models load before the subscriber starts, then are registered."""
     settings = settings or load_settings(WorkerSettings)
     setup_tracing(SERVICE)
     registry = CollectorRegistry()
     broker = make_broker(settings, service=SERVICE, registry=registry)
     models: dict[str, LoadedModel] = {}
+    publisher: RegistryPublisher | None = None
     register_handlers(broker, settings, models, WorkerMetrics.create(registry, settings.worker.pool))
 
     async def load() -> None:
         await ensure_topics(settings)
         models.update(await asyncio.to_thread(load_models, settings))
+
+    async def register() -> None:
+        nonlocal publisher
+        instance_id, started_at = new_instance_id(), utcnow()
+        cards = [model_card(settings, model, instance_id, started_at) for model in models.values()]
+        publisher = RegistryPublisher(broker, cards, settings.worker.registry.heartbeat_s)
+        await publisher.start()
+
+    async def deregister() -> None:
+        if publisher is not None:
+            await publisher.stop()
 
     async def unload() -> None:
         for model in models.values():
@@ -65,6 +105,8 @@ def create_app(settings: WorkerSettings | None = None) -> AsgiFastStream:
         broker,
         asgi_routes=ops_routes(f"{SERVICE}-{settings.worker.pool}", registry, ready),
         on_startup=[load],
+        after_startup=[register],  # the broker is up and the models are loaded: announce them
+        on_shutdown=[deregister],  # tombstones go out while the broker can still publish
         after_shutdown=[unload],
         asyncapi_path="/asyncapi",
         logger=logging.getLogger(f"autoglm.app.{SERVICE}"),

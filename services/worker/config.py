@@ -4,15 +4,20 @@ from typing import Self
 
 from pydantic import BaseModel, Field, model_validator
 
+from shared.registry import RegistryOptions
 from shared.settings import CommonSettings, PoolConfig
 
 
 class WorkerOptions(BaseModel):
-    """Which pool this worker serves and where its ops endpoints listen."""
+    """Which pool this worker serves, where its ops endpoints listen, how it heartbeats to the registry."""
 
     pool: str = "light"
     host: str = "127.0.0.1"
     port: int = Field(default=8110, ge=1, le=65535)
+    registry: RegistryOptions = Field(
+        default_factory=RegistryOptions,
+        description="Model registry heartbeat and ttl, e.g. AUTOGLM_WORKER__REGISTRY__TTL_S=30.",
+    )
 
 
 class WorkerSettings(CommonSettings):

@@ -1,7 +1,8 @@
 """Inference backends: one small interface (`base.Backend`), one module per engine.
 
 `load_backend` picks the module named by the pool's `backend` and imports it only then, so a
-worker never imports an engine (torch, tritonclient, tensorrt) it does not use.
+worker never imports an engine (torch, tritonclient, tensorrt) it does not use. The `openai` backend
+fronts an OpenAI-compatible server over HTTP and loads nothing locally.
 """
 
 from __future__ import annotations
@@ -19,4 +20,14 @@ def load_backend(model: ModelConfig, pool: PoolConfig, checkpoint: Path | None) 
 
         assert checkpoint is not None
         return TorchBackend.load(model.id, checkpoint, device=pool.device, max_context_tokens=model.max_context_tokens)
+    if pool.backend == "openai":
+        from services.worker.backends.openai_backend import OpenAIBackend
+
+        # One connection per request of a full batch: the batch's calls all run at once.
+        return OpenAIBackend.from_config(model, max_connections=pool.batching.max_batch_size)
+    if pool.backend == "triton":
+        from services.worker.backends.triton_backend import TritonBackend
+
+        # `path`, when set, is the tokenizer whose chat template renders the prompt (see triton_backend).
+        return TritonBackend.load(model, tokenizer_path=checkpoint)
     raise NotImplementedError(f"the {pool.backend} backend is not built yet")
