@@ -117,7 +117,9 @@ def ask(request_id: str, content: str, **options: Any) -> GenerationInput:
 # -------------------------------------------------------------------------------------------- requests
 
 
-async def test_every_field_is_sent_to_the_upstream_model(backend: OpenAIBackend, upstream: tuple[Upstream, str]) -> None:
+async def test_every_field_is_sent_to_the_upstream_model(
+    backend: OpenAIBackend, upstream: tuple[Upstream, str]
+) -> None:
     messages = [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="fields")]
     request = GenerationInput("r1", messages, max_tokens=7, temperature=0.3, top_p=0.9, stop=["\n", "END"], seed=42)
     await backend.agenerate([request])
@@ -230,7 +232,9 @@ async def test_an_unreadable_answer_is_a_server_failure(backend: OpenAIBackend) 
 async def test_a_call_slower_than_timeout_s_fails_the_batch_without_waiting_for_it(
     upstream: tuple[Upstream, str],
 ) -> None:
-    impatient = OpenAIBackend.from_config(ModelConfig(id="relay", endpoint=upstream[1], timeout_s=0.3), max_connections=2)
+    impatient = OpenAIBackend.from_config(
+        ModelConfig(id="relay", endpoint=upstream[1], timeout_s=0.3), max_connections=2
+    )
     started = time.perf_counter()
     try:
         with pytest.raises(TransientBackendError, match=r"within 0\.3 s"):

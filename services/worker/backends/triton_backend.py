@@ -149,7 +149,7 @@ class TritonBackend:
         """Registry metadata: the engine is remote, so device and precision are the server's business."""
         return BackendInfo(
             backend="triton",
-            framework=f"triton-{self.signature.platform or 'server'}-{self.server_version}",
+            framework=f"triton-{self.server_version}".replace(" ", "-"),
             device="remote",
             precision=self.config.precision,
             version=self.model_version,
