@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 CONTEXT_KEY = "registry"
 """Name of the view in a FastStream broker's context."""
 
+WITHDRAW_TIMEOUT_S = 5.0
+"""How long a stopping worker tries to publish its tombstones."""
+
 Clock = Callable[[], datetime]
 """Returns the current UTC time; injected so expiry can be tested without waiting."""
 
@@ -129,9 +132,10 @@ class RegistryPublisher:
                 await self._task
             self._task = None
         try:
-            await asyncio.gather(
-                *(self.broker.publish(None, topics.REGISTRY, key=encode_key(card)) for card in self.cards)
-            )
+            async with asyncio.timeout(WITHDRAW_TIMEOUT_S):  # Kafka being down must not hold up the shutdown
+                await asyncio.gather(
+                    *(self.broker.publish(None, topics.REGISTRY, key=encode_key(card)) for card in self.cards)
+                )
         except Exception:
             logger.exception("withdrawing registry cards failed; they expire after their ttl")
             return
