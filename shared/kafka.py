@@ -79,6 +79,7 @@ def topic_partitions(settings: CommonSettings) -> dict[str, int]:
         wanted[topics.jobs_topic(name)] = pool.partitions
         wanted[topics.retry_topic(name)] = pool.partitions
     wanted[topics.REGISTRY] = 1
+    wanted[topics.CONTROL] = 1
     return wanted
 
 

@@ -218,3 +218,11 @@ class ModelCard(BaseModel):
     def key(self) -> str:
         """The record key: one card per worker instance and model."""
         return f"{self.instance_id}/{self.model_id}"
+
+
+class CancelRequest(Envelope):
+    """Cancel a queued request: topic `autoglm.control`. Routers and workers skip it from then on."""
+
+    reason: str = Field(default="cancelled by the client", max_length=500)
+    requested_by: str | None = Field(default=None, description="Identity of whoever cancelled it.")
+    created_at: datetime = Field(default_factory=utcnow)

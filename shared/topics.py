@@ -29,3 +29,7 @@ REGISTRY = "autoglm.registry"
 def retry_topic(pool: str) -> str:
     """Topic of `pool`'s jobs waiting for another attempt (RoutedJob, attempt in headers)."""
     return f"{RETRY_PREFIX}{pool}"
+
+
+CONTROL = "autoglm.control"
+"""CancelRequest: read by every router and worker instance (no consumer group)."""

@@ -9,6 +9,7 @@ from faststream.kafka import KafkaBroker
 
 from services.router.routing import UnroutableError, decide
 from shared import topics
+from shared.cancellation import CancelledRequests
 from shared.kafka import FETCH_MAX_WAIT_MS, publish_dead_letter, publish_result
 from shared.logging import bound_request_id
 from shared.messages import ChatRequest, ChatResult, ErrorInfo, RoutedJob
@@ -21,6 +22,8 @@ GROUP_ID = "autoglm-router"
 
 def register_handlers(broker: KafkaBroker, settings: CommonSettings) -> None:
     """Subscribe the router to the requests topic."""
+    cancelled = CancelledRequests()
+    cancelled.subscribe(broker, "router")
     job_publishers = {
         pool: broker.publisher(topics.jobs_topic(pool), schema=RoutedJob, title=f"jobs for pool {pool}")
         for pool in settings.pools
@@ -37,6 +40,9 @@ def register_handlers(broker: KafkaBroker, settings: CommonSettings) -> None:
     async def route_request(request: ChatRequest) -> None:
         """Score the request and send it to its pool's jobs topic."""
         with bound_request_id(request.request_id):
+            if request.request_id in cancelled:
+                await publish_result(broker, cancelled_before_routing(request), request.reply_to)
+                return
             try:
                 decision = decide(request, settings)
             except UnroutableError as error:
@@ -45,6 +51,12 @@ def register_handlers(broker: KafkaBroker, settings: CommonSettings) -> None:
             job = decision.to_job(request)
             await job_publishers[decision.pool].publish(job, key=request.request_id.encode())
             logger.info("routed to %s/%s (%s)", decision.pool, decision.model, "; ".join(decision.reasons))
+
+
+def cancelled_before_routing(request: ChatRequest) -> ChatResult:
+    """The answer for a request cancelled before the router saw it."""
+    error = ErrorInfo(type="cancelled", code="request_cancelled", message="the request was cancelled")
+    return ChatResult(request_id=request.request_id, error=error, created_at=request.created_at, probe=request.probe)
 
 
 async def reject_unroutable(broker: KafkaBroker, request: ChatRequest, error: UnroutableError) -> None:

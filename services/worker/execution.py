@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Container
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -83,12 +84,14 @@ def answered_result(
     return result
 
 
-def skipped_result(job: RoutedJob, taken_at: datetime) -> ChatResult | None:
-    """The result of a job that must not run (a probe, or past its deadline), else None."""
+def skipped_result(job: RoutedJob, taken_at: datetime, cancelled: Container[str] = ()) -> ChatResult | None:
+    """The result of a job that must not run (a probe, cancelled, or past its deadline), else None."""
     if job.request.probe:
         result = base_result(job, taken_at)
         result.choices = [Choice(message=ChatMessage(role="assistant", content=""))]
         return result
+    if job.request_id in cancelled:
+        return cancelled_result(job, taken_at)
     if job.request.is_expired(taken_at):
         result = base_result(job, taken_at)
         result.error = ErrorInfo(
@@ -117,13 +120,22 @@ class JobFailure:
 Outcome = ChatResult | JobFailure
 
 
-async def run_batch(jobs: list[RoutedJob], models: dict[str, LoadedModel]) -> list[Outcome]:
+def cancelled_result(job: RoutedJob, taken_at: datetime) -> ChatResult:
+    """The answer for a job cancelled before it ran."""
+    result = base_result(job, taken_at)
+    result.error = ErrorInfo(type="cancelled", code="request_cancelled", message="the request was cancelled")
+    return result
+
+
+async def run_batch(
+    jobs: list[RoutedJob], models: dict[str, LoadedModel], cancelled: Container[str] = ()
+) -> list[Outcome]:
     """One outcome per job, in order: a result (answer or error) or a failure to retry."""
     taken_at = utcnow()
     outcomes: dict[str, Outcome] = {}
     by_model: dict[str, list[RoutedJob]] = defaultdict(list)
     for job in jobs:
-        skipped = skipped_result(job, taken_at)
+        skipped = skipped_result(job, taken_at, cancelled)
         if skipped is not None:
             outcomes[job.request_id] = skipped
         elif job.model not in models:

@@ -25,6 +25,7 @@ from services.worker.config import WorkerSettings
 from services.worker.execution import JobFailure, LoadedModel, Outcome, exhausted_result, run_batch
 from services.worker.metrics import WorkerMetrics
 from shared import topics
+from shared.cancellation import CancelledRequests
 from shared.kafka import FETCH_MAX_WAIT_MS, publish_dead_letter, publish_result
 from shared.messages import RoutedJob
 from shared.settings import Batching, RetryConfig
@@ -49,12 +50,14 @@ def register_handlers(
     pool = settings.worker.pool
     batching = settings.pool.batching
     settle = Settler(broker, pool, settings.retries)
+    cancelled = CancelledRequests()
+    cancelled.subscribe(broker, f"{SERVICE}-{pool}")
 
     async def process(message: KafkaMessage, records: tuple[ConsumerRecord, ...]) -> None:
         """Run records and settle every outcome; on any failure rewind so nothing is lost."""
         try:
             jobs = await parse_jobs(broker, records)
-            outcomes = await run_batch([job for job, _ in jobs], models)
+            outcomes = await run_batch([job for job, _ in jobs], models, cancelled)
             metrics.observe(pool, outcomes)
             await asyncio.gather(
                 *(settle(job, outcome, attempt) for (job, attempt), outcome in zip(jobs, outcomes, strict=True))

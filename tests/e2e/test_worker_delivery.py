@@ -9,9 +9,9 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from shared import topics
-from shared.messages import ChatMessage, ChatRequest, ChatResult, utcnow
+from shared.messages import CancelRequest, ChatMessage, ChatRequest, ChatResult, utcnow
 from tests.e2e.harness import Stack
-from tests.e2e.test_pipeline import fetch_row, wait_for_assignment
+from tests.e2e.test_pipeline import fetch_row, publish_and_read, wait_for_assignment
 
 
 async def completions(stack: Stack, count: int, concurrency: int) -> list[str]:
@@ -88,3 +88,25 @@ async def test_sigterm_mid_batch_loses_nothing_and_expired_requests_are_skipped(
     assert all(found[r.request_id].ok for r in fresh)
     skipped = found[expired.request_id]
     assert skipped.error is not None and skipped.error.code == "deadline_exceeded" and skipped.usage.total_tokens == 0
+
+
+async def test_a_cancelled_request_is_answered_without_running(stack: Stack) -> None:
+    request = ChatRequest(model="tiny-light", messages=[ChatMessage(role="user", content="cancel me")])
+    producer = AIOKafkaProducer(bootstrap_servers=stack.infra.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        cancel = CancelRequest(request_id=request.request_id, reason="changed my mind")
+        await producer.send_and_wait(topics.CONTROL, cancel.model_dump_json().encode())
+    finally:
+        await producer.stop()
+    await asyncio.sleep(1.0)  # the control topic is read by its own consumer in each service
+    raw = await publish_and_read(
+        stack,
+        send=request.model_dump_json().encode(),
+        key=request.request_id.encode(),
+        watch=topics.RESULTS,
+        match=lambda value: ChatResult.model_validate_json(value).request_id == request.request_id,
+    )
+    result = ChatResult.model_validate_json(raw)
+    assert result.error is not None and result.error.type == "cancelled"
+    assert result.usage.total_tokens == 0

@@ -25,7 +25,16 @@ from services.worker.handlers import register_handlers
 from services.worker.metrics import WorkerMetrics
 from shared import topics
 from shared.kafka import make_broker
-from shared.messages import ChatMessage, ChatRequest, ChatResult, DeadLetter, ReplyRoute, RoutedJob, utcnow
+from shared.messages import (
+    CancelRequest,
+    ChatMessage,
+    ChatRequest,
+    ChatResult,
+    DeadLetter,
+    ReplyRoute,
+    RoutedJob,
+    utcnow,
+)
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +175,16 @@ async def test_a_batch_too_big_for_memory_is_split(settings: WorkerSettings, mod
         by_id = results_of(results.mock)
     assert all(by_id[j.request_id].ok for j in sent)
     assert backend.batch_sizes == [5, 2, 3, 1, 2]  # 5 -> 2 + 3, the 3 -> 1 + 2
+
+
+async def test_a_cancelled_job_is_answered_without_running(broker: KafkaBroker) -> None:
+    async with TestKafkaBroker(broker) as br:
+        results = br.subscriber(topics.RESULTS)(lambda m: None)  # type: ignore[arg-type]
+        await br.start()
+        doomed, kept = job("never mind", max_tokens=2), job("go on", max_tokens=2)
+        await br.publish(CancelRequest(request_id=doomed.request_id), topics.CONTROL)
+        await br.publish_batch(doomed, kept, topic=topics.jobs_topic("light"))
+        by_id = results_of(results.mock)
+    assert by_id[doomed.request_id].error is not None and by_id[doomed.request_id].error.type == "cancelled"  # type: ignore[union-attr]
+    assert by_id[doomed.request_id].usage.total_tokens == 0
+    assert by_id[kept.request_id].ok
