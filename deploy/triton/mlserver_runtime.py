@@ -18,8 +18,9 @@ Tensors, as the TensorRT-LLM ensemble names them (batch dimension first, one row
 | prompt_tokens, completion_tokens | INT32 | [B, 1] | extra outputs: token counts (EOS counts) |
 | finish_reason | BYTES | [B, 1] | extra output: `stop` or `length` |
 
-`max_batch_size` (model-settings `parameters.extra.max_batch_size`) is reported in the model metadata's
-parameters; a bigger request is refused with an invalid-argument error, as Triton refuses one.
+`max_batch_size` (model-settings `parameters.extra.max_batch_size`): a bigger request is refused with an
+invalid-argument error, as Triton refuses one. MLServer has no ModelConfig RPC to report it, and its
+metadata `parameters` are not in Triton's protocol (tritonclient drops them), so clients must know it.
 
 There is no streaming: MLServer's `ModelStreamInfer` answers with bare `ModelInferResponse` messages where
 Triton's protocol has `ModelStreamInferResponse`, so tritonclient's `stream_infer` cannot read it anyway.
@@ -42,9 +43,7 @@ from mlserver.errors import MLServerError
 from mlserver.types import (
     InferenceRequest,
     InferenceResponse,
-    MetadataModelResponse,
     MetadataTensor,
-    Parameters,
     RequestInput,
     ResponseOutput,
 )
@@ -114,8 +113,6 @@ class HFTextGenerationRuntime(MLModel):
         self._lock = threading.Lock()
         self.inputs = INPUTS
         self.outputs = OUTPUTS
-        # Reported in the model metadata: the client sizes its batches by it.
-        self.settings.parameters.extra = {**extra, "max_batch_size": self.max_batch_size}  # type: ignore[union-attr]
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
@@ -126,13 +123,6 @@ class HFTextGenerationRuntime(MLModel):
         return InferenceResponse(
             id=payload.id, model_name=self.name, model_version=self.version, outputs=encode_outputs(completions)
         )
-
-    async def metadata(self) -> MetadataModelResponse:
-        """The standard metadata plus `max_batch_size` in its parameters (MLServer has no ModelConfig RPC)."""
-        metadata = await super().metadata()
-        parameters = metadata.parameters or Parameters()
-        metadata.parameters = Parameters(**parameters.model_dump(exclude_none=True), max_batch_size=self.max_batch_size)
-        return metadata
 
     # ------------------------------------------------------------- generation
 

@@ -75,7 +75,7 @@ def answered_result(
     result.timings.inference_ms = inference_ms
     result.timings.batch_size = batch_size
     if output.error is not None:
-        result.error = ErrorInfo(type="invalid_request_error", code="context_length_exceeded", message=output.error)
+        result.error = ErrorInfo(type="invalid_request_error", code=output.error_code, message=output.error)
     else:
         message = ChatMessage(role="assistant", content=output.text)
         result.choices = [Choice(message=message, finish_reason=output.finish_reason)]

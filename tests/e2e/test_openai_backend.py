@@ -286,3 +286,4 @@ async def test_a_relay_worker_answers_a_refusal_and_retries_an_unreachable_upstr
     exhausted = results[down.request_id].error
     assert exhausted is not None and exhausted.code == "retries_exhausted"
     assert "after 3 attempts: TransientBackendError" in exhausted.message and "unreachable" in exhausted.message
+    assert "relay-down" in exhausted.message and "127.0.0.1" not in exhausted.message  # no internal address

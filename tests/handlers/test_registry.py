@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
 from aiokafka import ConsumerRecord
+from faststream import Context
 from faststream.kafka import KafkaBroker, TestKafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from prometheus_client import CollectorRegistry
@@ -53,6 +55,14 @@ async def test_published_cards_are_live_and_tombstones_withdraw_them(router_sett
     assert sorted(tombstones) == [b"host-1-aa/tiny-heavy", b"host-1-aa/tiny-light"]  # real nulls, not b""
 
 
-async def test_the_view_is_in_the_broker_context(router_settings: RouterSettings) -> None:
+async def test_a_handler_can_take_the_view_from_the_context(router_settings: RouterSettings) -> None:
     broker, view = broker_with_view(router_settings)
-    assert broker.context.get("registry") is view
+    seen: list[RegistryView] = []
+
+    @broker.subscriber(topics.REQUESTS, group_id="spy")
+    async def handler(body: str, registry: Annotated[RegistryView, Context("registry")]) -> None:
+        seen.append(registry)
+
+    async with TestKafkaBroker(broker):
+        await broker.publish("hi", topics.REQUESTS)
+    assert seen == [view]

@@ -171,8 +171,10 @@ def test_load_backend_builds_it_for_an_openai_pool() -> None:
     pool = PoolConfig(backend="openai", models=[model], batching={"max_batch_size": 12})
     loaded = load_backend(model, pool, None)
     assert isinstance(loaded, OpenAIBackend)
+    assert loaded.max_connections == 12  # a full batch's calls all run at once
     info = loaded.info()
-    assert (info.backend, info.device, info.max_batch_size) == ("openai", "http://127.0.0.1:9", 12)
+    assert (info.backend, info.device, info.precision) == ("openai", "remote", "upstream")
+    assert "127.0.0.1" not in repr(info)  # the registry shows it to API clients: no internal addresses
     loaded.close()
 
 

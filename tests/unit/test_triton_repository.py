@@ -83,9 +83,18 @@ def test_preferred_batch_sizes() -> None:
     assert preferred_batch_sizes(2) == [2]
 
 
-def test_cli_writes_the_deployment_file_pools(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The shipped deployment file has torch pools only: they are written when named."""
-    assert main(["triton", "write-repo", "--output", str(tmp_path), "--pool", "light"]) == 0
-    assert parse(tmp_path / "tiny-light" / "config.pbtxt").max_batch_size == 32
-    assert main(["triton", "write-repo", "--output", str(tmp_path / "none")]) == 1
+def test_cli_writes_the_named_pools(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deployment = tmp_path / "deployment.yaml"
+    deployment.write_text(
+        "pools:\n"
+        "  light: {backend: torch, batching: {max_batch_size: 12}, models: [{id: tiny-light, path: tiny-light}]}\n"
+        "  heavy: {backend: torch, models: [{id: tiny-heavy, path: tiny-heavy}]}\n"
+    )
+    monkeypatch.setenv("AUTOGLM_CONFIG_FILE", str(deployment))
+    assert main(["triton", "write-repo", "--output", str(tmp_path / "repo"), "--pool", "light"]) == 0
+    assert parse(tmp_path / "repo" / "tiny-light" / "config.pbtxt").max_batch_size == 12
+    assert not (tmp_path / "repo" / "tiny-heavy").exists()
+    assert main(["triton", "write-repo", "--output", str(tmp_path / "none")]) == 1  # no triton pool: say so
     assert "no triton pools" in capsys.readouterr().err

@@ -29,5 +29,5 @@ def load_backend(model: ModelConfig, pool: PoolConfig, checkpoint: Path | None) 
         from services.worker.backends.triton_backend import TritonBackend
 
         # `path`, when set, is the tokenizer whose chat template renders the prompt (see triton_backend).
-        return TritonBackend.load(model, tokenizer_path=checkpoint)
+        return TritonBackend.load(model, tokenizer_path=checkpoint, max_batch_size=pool.batching.max_batch_size)
     raise NotImplementedError(f"the {pool.backend} backend is not built yet")

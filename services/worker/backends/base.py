@@ -43,6 +43,7 @@ class GenerationOutput:
     completion_tokens: int
     finish_reason: Literal["stop", "length", "error"]
     error: str | None = None
+    error_code: str = "invalid_request"  # OpenAI-style code of `error`, e.g. context_length_exceeded
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,8 @@ class OpenAIBackend:
         self.timeout_s = timeout_s
         self.max_connections = max_connections
         self.precision = precision
+        # Error messages reach callers (retries_exhausted results): name the model, not the internal URL.
+        self.where = f"the endpoint of {model_id}"
         url = httpx.URL(self.endpoint)
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"model {model_id!r}: endpoint {endpoint!r} is not an http(s) URL")
@@ -127,20 +129,20 @@ class OpenAIBackend:
             async with asyncio.timeout(self.timeout_s):
                 response = await self.client.post("chat/completions", json=self.request_body(request))
         except (TimeoutError, httpx.TimeoutException) as error:
-            raise TransientBackendError(f"no answer from {self.endpoint} within {self.timeout_s:g} s") from error
+            raise TransientBackendError(f"no answer from {self.where} within {self.timeout_s:g} s") from error
         except httpx.RequestError as error:
-            raise TransientBackendError(f"{self.endpoint} unreachable: {type(error).__name__}: {error}") from error
+            raise TransientBackendError(f"{self.where} unreachable: {type(error).__name__}: {error}") from error
         if response.status_code in REFUSED_STATUSES:
             return refused_output(request, server_message(response))
         if not response.is_success:
             raise TransientBackendError(
-                f"{self.endpoint} answered HTTP {response.status_code}: {server_message(response)}"
+                f"{self.where} answered HTTP {response.status_code}: {server_message(response)}"
             )
         try:
             return completion_output(request, response.json())
         except (ValueError, KeyError, IndexError, TypeError) as error:
             raise TransientBackendError(
-                f"{self.endpoint} answered HTTP {response.status_code} with no readable completion: {error!r}"
+                f"{self.where} answered HTTP {response.status_code} with no readable completion: {error!r}"
             ) from error
 
     def request_body(self, request: GenerationInput) -> dict[str, Any]:
@@ -175,28 +177,27 @@ class OpenAIBackend:
             async with self.client.stream("POST", "chat/completions", json=body) as response:
                 if not response.is_success:
                     await response.aread()
-                    raise stream_refusal(self.endpoint, response)
+                    raise stream_refusal(self.where, response)
                 async for data in sse_data(response.aiter_lines()):
                     if data.strip() == "[DONE]":
                         return
                     if delta := delta_text(data):
                         yield delta
         except httpx.TimeoutException as error:
-            raise TransientBackendError(f"{self.endpoint} stopped streaming for {self.timeout_s:g} s") from error
+            raise TransientBackendError(f"{self.where} stopped streaming for {self.timeout_s:g} s") from error
         except httpx.RequestError as error:
-            raise TransientBackendError(f"{self.endpoint} stream failed: {type(error).__name__}: {error}") from error
+            raise TransientBackendError(f"{self.where} stream failed: {type(error).__name__}: {error}") from error
 
     # ------------------------------------------------------------ registry, closing
 
     def info(self) -> BackendInfo:
-        """Registry metadata: where the model runs, never the API key."""
-        url = httpx.URL(self.endpoint)
+        """Registry metadata. The endpoint stays out: `GET /v1/models` shows the device to every client."""
         return BackendInfo(
             backend="openai",
             framework=f"httpx-{httpx.__version__}",
-            device=f"{url.scheme}://{url.netloc.decode()}",
+            device="remote",
             precision="upstream" if self.precision == "auto" else self.precision,
-            max_batch_size=self.max_connections,
+            max_batch_size=None,  # no limit of its own: the upstream batches as it sees fit
         )
 
     @property
@@ -260,6 +261,7 @@ def refused_output(request: GenerationInput, message: str) -> GenerationOutput:
         completion_tokens=0,
         finish_reason="error",
         error=message,
+        error_code="rejected_by_upstream",
     )
 
 
@@ -295,9 +297,9 @@ def server_message(response: httpx.Response) -> str:
     return text[:MAX_ERROR_CHARS]
 
 
-def stream_refusal(endpoint: str, response: httpx.Response) -> Exception:
+def stream_refusal(where: str, response: httpx.Response) -> Exception:
     """The error for a stream the server did not start."""
-    message = f"{endpoint} answered HTTP {response.status_code}: {server_message(response)}"
+    message = f"{where} answered HTTP {response.status_code}: {server_message(response)}"
     if response.status_code in REFUSED_STATUSES:
         return PermanentBackendError(message)
     return TransientBackendError(message)

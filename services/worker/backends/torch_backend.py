@@ -126,10 +126,11 @@ class PerRowStoppingCriteria(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         generated = input_ids[:, self.prompt_width :]
-        done = [self._row_done(row, generated[row]) for row in range(generated.shape[0])]
+        done = [self.row_done(row, generated[row]) for row in range(generated.shape[0])]
         return cast(torch.BoolTensor, torch.tensor(done, dtype=torch.bool, device=input_ids.device))
 
-    def _row_done(self, row: int, generated: torch.Tensor) -> bool:
+    def row_done(self, row: int, generated: torch.Tensor) -> bool:
+        """Whether row `row` (of the requests given at construction) is done after its `generated` tokens."""
         if generated.shape[0] >= self.max_tokens[row]:
             return True
         if not self.stops[row]:
@@ -188,13 +189,7 @@ class TorchBackend:
         return self.model
 
     def _eos_token_ids(self) -> set[int]:
-        """Every token that ends a turn: the generation config may list several (e.g. EOS and end-of-turn)."""
-        configured = self.require_model().generation_config.eos_token_id
-        if configured is None:
-            configured = self.tokenizer.eos_token_id
-        if configured is None:
-            return set()
-        return {configured} if isinstance(configured, int) else set(configured)
+        return eos_token_ids_of(self.require_model().generation_config, self.tokenizer)
 
     # --------------------------------------------------------------- generation
 
@@ -233,30 +228,11 @@ class TorchBackend:
             return [outputs[index] for index in range(len(batch))]
 
     def _encode(self, index: int, request: GenerationInput) -> EncodedRequest | GenerationOutput:
-        """The request's prompt ids, or an error output when the prompt cannot run."""
-        try:
-            prompt_ids = self.encode_prompt(request)
-        except TemplateError as error:
-            return error_output(request, 0, f"the conversation does not fit the model's chat template: {error}")
-        if len(prompt_ids) > self.max_context_tokens - request.max_tokens:
-            message = f"prompt too long: {len(prompt_ids)} tokens, the model's context is {self.max_context_tokens}"
-            if request.max_tokens >= self.max_context_tokens:
-                message += f" (max_tokens {request.max_tokens} alone fills it)"
-            return error_output(request, len(prompt_ids), message)
-        return EncodedRequest(index, request, prompt_ids)
+        return encode_request(self.tokenizer, index, request, self.max_context_tokens)
 
     def encode_prompt(self, request: GenerationInput) -> list[int]:
         """The prompt's token ids: the messages through the chat template, ready for the assistant's turn."""
-        conversation = [{"role": message.role, "content": message.content} for message in request.messages]
-        # sanitize_control_tokens: special tokens typed by the user are encoded as text, not as control
-        # tokens, so user content cannot open a fake system or assistant turn.
-        return self.tokenizer.apply_chat_template(  # type: ignore[return-value]  # list[int] for one chat
-            conversation,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-            sanitize_control_tokens=True,
-        )
+        return encode_chat_prompt(self.tokenizer, request)
 
     def _generate_group(self, group: list[EncodedRequest]) -> list[GenerationOutput]:
         """One `generate()` call for requests with identical sampling settings."""
@@ -335,6 +311,48 @@ def prepare_tokenizer_for_batching(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def eos_token_ids_of(generation_config: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every token that ends a turn: the generation config may list several (e.g. EOS and end-of-turn)."""
+    configured = generation_config.eos_token_id
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    if configured is None:
+        return set()
+    return {configured} if isinstance(configured, int) else set(configured)
+
+
+def encode_chat_prompt(tokenizer: PreTrainedTokenizerBase, request: GenerationInput) -> list[int]:
+    """The prompt's token ids: the messages through the chat template, ready for the assistant's turn."""
+    conversation = [{"role": message.role, "content": message.content} for message in request.messages]
+    # sanitize_control_tokens: special tokens typed by the user are encoded as text, not as control
+    # tokens, so user content cannot open a fake system or assistant turn.
+    return tokenizer.apply_chat_template(  # type: ignore[return-value]  # list[int] for one chat
+        conversation,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+        sanitize_control_tokens=True,
+    )
+
+
+def encode_request(
+    tokenizer: PreTrainedTokenizerBase, index: int, request: GenerationInput, max_context_tokens: int
+) -> EncodedRequest | GenerationOutput:
+    """The request's prompt ids, or an error output when the prompt cannot run."""
+    try:
+        prompt_ids = encode_chat_prompt(tokenizer, request)
+    except TemplateError as error:
+        return error_output(
+            request, 0, f"the conversation does not fit the model's chat template: {error}", "invalid_chat"
+        )
+    if len(prompt_ids) > max_context_tokens - request.max_tokens:
+        message = f"prompt too long: {len(prompt_ids)} tokens, the model's context is {max_context_tokens}"
+        if request.max_tokens >= max_context_tokens:
+            message += f" (max_tokens {request.max_tokens} alone fills it)"
+        return error_output(request, len(prompt_ids), message, "context_length_exceeded")
+    return EncodedRequest(index, request, prompt_ids)
+
+
 def warn_if_context_exceeds_model(model_id: str, model: PreTrainedModel, max_context_tokens: int) -> None:
     trained = getattr(model.config, "max_position_embeddings", None)
     if trained is not None and max_context_tokens > trained:
@@ -346,7 +364,7 @@ def warn_if_context_exceeds_model(model_id: str, model: PreTrainedModel, max_con
         )
 
 
-def error_output(request: GenerationInput, prompt_tokens: int, message: str) -> GenerationOutput:
+def error_output(request: GenerationInput, prompt_tokens: int, message: str, code: str) -> GenerationOutput:
     return GenerationOutput(
         request_id=request.request_id,
         text="",
@@ -354,6 +372,7 @@ def error_output(request: GenerationInput, prompt_tokens: int, message: str) -> 
         completion_tokens=0,
         finish_reason="error",
         error=message,
+        error_code=code,
     )
 
 

@@ -15,8 +15,9 @@ read it as a real control token and a user could forge a turn. Without `path`, a
 is used: one `<|role|>\\ncontent\\n` block per message, then `<|assistant|>\\n`.
 
 At load (blocking, in the worker's loading thread) the server must be live and ready and the model ready;
-the model's metadata tells which inputs it takes and its configuration (when the server reports one) its
-`max_batch_size` and preferred batch sizes. Batches bigger than that are split and the parts sent at once
+the model's metadata tells which inputs it takes and its configuration its `max_batch_size` and preferred
+batch sizes (a server without Triton's ModelConfig RPC, such as MLServer, tells neither: the pool's
+`max_batch_size` is used then). Batches bigger than that are split and the parts sent at once
 (the server's dynamic batcher merges them again). Errors: an unreachable or unavailable server, a timeout
 or any other server failure is a TransientBackendError (the worker retries the batch); an INVALID_ARGUMENT
 answer is the request's own fault, so the part is retried row by row and each failing row gets an error
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 REQUIRED_INPUTS = ("text_input", "max_tokens")
 # gRPC codes that say the request itself is wrong: answered per request, never retried.
 INVALID_REQUEST_CODES = {"StatusCode.INVALID_ARGUMENT", "StatusCode.OUT_OF_RANGE"}
-# Used when the server reports no batch limit: a batch that size or smaller goes in one call.
+# Rows per call when neither the server nor the caller gives a batch limit.
 DEFAULT_CALL_SIZE = 8
 
 
@@ -69,6 +70,7 @@ class ModelSignature:
     max_batch_size: int  # 0: the model has no batch dimension (one request per call)
     preferred_batch_sizes: tuple[int, ...] = ()
     platform: str = ""
+    reported: bool = True  # False: the server has no ModelConfig, max_batch_size is the worker's own limit
 
     @property
     def call_size(self) -> int:
@@ -114,15 +116,20 @@ class TritonBackend:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, config: ModelConfig, tokenizer_path: Path | None = None) -> TritonBackend:
-        """Check the server and the model are ready and read the model's signature (blocking)."""
+    def load(
+        cls, config: ModelConfig, tokenizer_path: Path | None = None, max_batch_size: int = DEFAULT_CALL_SIZE
+    ) -> TritonBackend:
+        """Check the server and the model are ready and read the model's signature (blocking).
+
+        `max_batch_size` (the pool's) is the call size when the server does not report the model's own.
+        """
         if config.endpoint is None:
             raise ValueError(f"model {config.id!r}: the triton backend needs `endpoint` (host:port)")
         name, version = config.upstream_model or config.id, config.version
         client = grpcclient.InferenceServerClient(url=config.endpoint)
         try:
             server_version = check_ready(client, config.endpoint, name, version, config.timeout_s)
-            signature = read_signature(client, name, version, config.timeout_s)
+            signature = read_signature(client, name, version, config.timeout_s, max_batch_size)
         finally:
             client.close()
         missing = [tensor for tensor in REQUIRED_INPUTS if tensor not in signature.inputs]
@@ -153,7 +160,7 @@ class TritonBackend:
             device="remote",
             precision=self.config.precision,
             version=self.model_version,
-            max_batch_size=self.signature.max_batch_size or 1,
+            max_batch_size=(self.signature.max_batch_size or 1) if self.signature.reported else None,
         )
 
     # --------------------------------------------------------------- prompts
@@ -355,18 +362,29 @@ def check_ready(client: grpcclient.InferenceServerClient, url: str, name: str, v
             raise TritonModelNotReadyError(f"triton server at {url} is not live")
         if not client.is_server_ready(client_timeout=timeout):
             raise TritonModelNotReadyError(f"triton server at {url} is live but not ready")
-        if not client.is_model_ready(name, version, client_timeout=timeout):
-            available = repository_models(client, timeout)
-            raise TritonModelNotReadyError(
-                f"model {name!r} version {version} is not ready on the triton server at {url} "
-                f"(models there: {available or 'none listed'})"
-            )
         metadata = client.get_server_metadata(client_timeout=timeout)
     except InferenceServerException as error:
         if error.status() == "StatusCode.UNAVAILABLE":
             raise TransientBackendError(f"triton server at {url} is unreachable: {error.message()}") from error
         raise TritonModelNotReadyError(f"triton server at {url}: {error}") from error
+    if not model_ready(client, name, version, timeout):
+        available = repository_models(client, timeout)
+        raise TritonModelNotReadyError(
+            f"model {name!r} version {version} is not ready on the triton server at {url} "
+            f"(models there: {', '.join(available) or 'not listed'})"
+        )
     return f"{metadata.name} {metadata.version}".strip()
+
+
+def model_ready(client: grpcclient.InferenceServerClient, name: str, version: str, timeout: float) -> bool:
+    """Triton answers false for a model it does not serve; other servers (MLServer) answer NOT_FOUND."""
+    try:
+        return bool(client.is_model_ready(name, version, client_timeout=timeout))
+    except InferenceServerException as error:
+        if error.status() == "StatusCode.UNAVAILABLE":
+            raise TransientBackendError(f"triton server is unreachable: {error.message()}") from error
+        logger.info("model %s version %s: readiness check failed: %s", name, version, error)
+        return False
 
 
 def repository_models(client: grpcclient.InferenceServerClient, timeout: float) -> list[str]:
@@ -378,33 +396,21 @@ def repository_models(client: grpcclient.InferenceServerClient, timeout: float) 
     return sorted(model.name for model in index.models)
 
 
-def read_signature(client: grpcclient.InferenceServerClient, name: str, version: str, timeout: float) -> ModelSignature:
+def read_signature(
+    client: grpcclient.InferenceServerClient, name: str, version: str, timeout: float, fallback_batch_size: int
+) -> ModelSignature:
     """Inputs and outputs from the metadata; batch sizes from the model config when the server has one."""
     metadata = client.get_model_metadata(name, version, client_timeout=timeout)
     inputs = {tensor.name: tensor.datatype for tensor in metadata.inputs}
     outputs = {tensor.name for tensor in metadata.outputs}
-    max_batch_size, preferred = DEFAULT_CALL_SIZE, ()
     try:
         config = client.get_model_config(name, version, client_timeout=timeout).config
-        max_batch_size = config.max_batch_size
-        preferred = tuple(config.dynamic_batching.preferred_batch_size)
     except InferenceServerException:
-        # Triton always answers; other KServe v2 servers (MLServer) may not implement ModelConfig, and may
-        # say max_batch_size in the metadata's parameters instead.
-        reported = metadata_parameter(metadata, "max_batch_size")
-        if reported is not None:
-            max_batch_size = int(reported)
-    return ModelSignature(inputs, outputs, max_batch_size, preferred, metadata.platform)
-
-
-def metadata_parameter(metadata: Any, name: str) -> str | int | None:
-    """A parameter of a model metadata response (a protobuf map of InferParameter), if present."""
-    parameters = getattr(metadata, "parameters", None)
-    if parameters is None or name not in parameters:
-        return None
-    parameter = parameters[name]
-    kind = parameter.WhichOneof("parameter_choice")
-    return getattr(parameter, kind) if kind else None
+        # Triton always answers; other KServe v2 servers (MLServer) do not implement ModelConfig: the
+        # worker's own batch limit is then the call size, and the model's batch dimension is assumed.
+        return ModelSignature(inputs, outputs, fallback_batch_size, (), metadata.platform, reported=False)
+    preferred = tuple(config.dynamic_batching.preferred_batch_size)
+    return ModelSignature(inputs, outputs, config.max_batch_size, preferred, metadata.platform)
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -459,4 +465,4 @@ def optional_string(result: Any | None, name: str, row: int = 0) -> str | None:
 
 
 def error_output(request: GenerationInput, message: str) -> GenerationOutput:
-    return GenerationOutput(request.request_id, "", 0, 0, "error", error=message)
+    return GenerationOutput(request.request_id, "", 0, 0, "error", error=message, error_code="rejected_by_backend")
