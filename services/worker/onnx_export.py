@@ -4,7 +4,8 @@ The graph:
 - inputs `input_ids`, `attention_mask` and `position_ids`, int64 `[batch, sequence]`, both axes dynamic;
   prompts are left-padded (as every backend here batches them) and `position_ids` are what transformers'
   `generate()` derives from the mask (`decoding.position_ids_for`), so a padded row sees the positions it
-  would see alone;
+  would see alone (rotary embeddings, as in Llama, only feel position differences, but a model with learned
+  absolute positions needs exactly these);
 - output `logits` `[batch, 1, vocab]`: the last position only (`logits="last"`, what a decode step reads;
   the full `[batch, sequence, vocab]` with `logits="all"`, for checking the export). For a real vocabulary
   the full tensor would be the largest activation of the graph (32 x 2048 x 150k fp16 is 20 GB), and the
@@ -36,12 +37,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
+import logging
 import shutil
 import sys
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -64,6 +68,7 @@ EXPORT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.fl
 # The files whose bytes define the graph: architecture and weights (not the tokenizer, not build notes).
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 GRAPH_FILES = ("config.json",)
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
 
 
 class NextTokenLogits(torch.nn.Module):
@@ -75,7 +80,9 @@ class NextTokenLogits(torch.nn.Module):
         # transformers' `logits_to_keep`: 1 keeps the last position (the LM head runs on it alone), 0 keeps all.
         self.logits_to_keep = 1 if logits == "last" else 0
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         output = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -83,7 +90,31 @@ class NextTokenLogits(torch.nn.Module):
             use_cache=False,
             logits_to_keep=self.logits_to_keep,
         )
-        return output.logits  # type: ignore[no-any-return]
+        return output.logits
+
+
+def require_exporter() -> None:
+    """Fail with what to install when the exporter's packages are missing (torch only says one of them)."""
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(
+            f"exporting to ONNX needs {' and '.join(missing)}: install the project's `onnx` extra "
+            "(pip install -e '.[onnx]')"
+        )
+
+
+@contextmanager
+def quiet_exporter_logs() -> Iterator[None]:
+    """The exporter's optimizer logs every rewrite at INFO: hundreds of lines in a worker's log per export."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [item.level for item in loggers]
+    for item in loggers:
+        item.setLevel(max(item.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for item, level in zip(loggers, levels, strict=True):
+            item.setLevel(level)
 
 
 def load_for_export(checkpoint: Path, dtype: torch.dtype) -> PreTrainedModel:
@@ -96,7 +127,7 @@ def load_for_export(checkpoint: Path, dtype: torch.dtype) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(
             checkpoint, local_files_only=True, dtype=dtype, attn_implementation="eager"
         )
-    return model.eval()  # type: ignore[no-any-return]
+    return model.eval()
 
 
 def example_inputs(pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,6 +155,7 @@ def export_onnx(
 
     if precision not in EXPORT_DTYPES:
         raise ValueError(f"cannot export at precision {precision!r} (choose from {sorted(EXPORT_DTYPES)})")
+    require_exporter()
     model = load_for_export(Path(checkpoint), EXPORT_DTYPES[precision])
     pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     wrapper = NextTokenLogits(model, logits).eval()
@@ -134,7 +166,7 @@ def export_onnx(
     staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_exporter_logs():
             # The three inputs share both axes on purpose; torch says so once per axis and input.
             warnings.filterwarnings("ignore", message=r".*shares the same shape constraints with another axis")
             torch.onnx.export(
@@ -213,7 +245,9 @@ class OnnxRuntimeEngine:
         (output,) = self.session.run([OUTPUT_NAME], feeds)
         return torch.from_numpy(output)
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         return self.logits(input_ids, attention_mask, position_ids)[:, -1, :]
 
     def close(self) -> None:

@@ -30,4 +30,11 @@ def load_backend(model: ModelConfig, pool: PoolConfig, checkpoint: Path | None) 
 
         # `path`, when set, is the tokenizer whose chat template renders the prompt (see triton_backend).
         return TritonBackend.load(model, tokenizer_path=checkpoint, max_batch_size=pool.batching.max_batch_size)
+    if pool.backend == "tensorrt":
+        from services.worker.backends.tensorrt_backend import TensorRTBackend
+
+        assert checkpoint is not None
+        # The engine's profile is built for the pool's largest batch; the worker never sends a bigger one.
+        max_batch_size = pool.batching.max_batch_size if pool.batching.enabled else 1
+        return TensorRTBackend.load(model, checkpoint, device=pool.device, max_batch_size=max_batch_size)
     raise NotImplementedError(f"the {pool.backend} backend is not built yet")

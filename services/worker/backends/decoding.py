@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from transformers import (
@@ -36,6 +36,12 @@ from transformers import (
 )
 
 from services.worker.backends.base import GenerationInput, GenerationOutput
+from services.worker.backends.torch_backend import (
+    PerRowStoppingCriteria,
+    eos_token_ids_of,
+    finish_output,
+    prepare_tokenizer_for_batching,
+)
 
 
 class LogitsEngine(Protocol):
@@ -43,7 +49,9 @@ class LogitsEngine(Protocol):
 
     device: torch.device
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         """Logits of the last position, `[batch, vocab]`, for left-padded `[batch, sequence]` inputs on `device`."""
         ...
 
@@ -64,14 +72,14 @@ def load_chat_tokenizer(checkpoint: Path) -> tuple[PreTrainedTokenizerBase, set[
     The end-of-turn tokens come from the generation config as the torch backend reads them (its file, else
     the one transformers derives from `config.json`).
     """
-    from services.worker.backends.torch_backend import eos_token_ids_of, prepare_tokenizer_for_batching
-
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
     prepare_tokenizer_for_batching(tokenizer)
     try:
         generation_config = GenerationConfig.from_pretrained(checkpoint, local_files_only=True)
     except OSError:  # no generation_config.json
-        generation_config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(checkpoint, local_files_only=True))
+        generation_config = GenerationConfig.from_model_config(
+            AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+        )
     return tokenizer, eos_token_ids_of(generation_config, tokenizer)
 
 
@@ -101,7 +109,7 @@ class TokenChooser:
     def sample(self, input_ids: torch.Tensor, logits: torch.Tensor) -> int:
         """One draw for a row: `input_ids` `[1, sequence]`, float32 `logits` `[1, vocab]`."""
         assert self.warpers is not None
-        probabilities = torch.softmax(self.warpers(input_ids, logits), dim=-1)
+        probabilities = torch.softmax(self.warpers(cast(torch.LongTensor, input_ids), logits), dim=-1)
         return int(torch.multinomial(probabilities, num_samples=1, generator=self.generator))
 
 
@@ -137,8 +145,6 @@ def decode_batch(
     plus its `max_tokens` within its sequence length (rows are right-aligned, so the widest step is the
     longest remaining row's).
     """
-    from services.worker.backends.torch_backend import PerRowStoppingCriteria, finish_output
-
     if not prompts:
         return []
     requests = [request for request, _ in prompts]
