@@ -140,7 +140,7 @@ async def test_every_worker_publishes_a_live_card_per_model(stack: Stack) -> Non
     assert (light.model_id, light.pool, heavy.model_id, heavy.pool) == ("tiny-light", "light", "tiny-heavy", "heavy")
     for card in (light, heavy):
         assert card.backend == "torch" and card.framework.startswith("transformers-")
-        assert (card.device, card.precision) in {("cpu", "float32"), ("cuda", "float16")}
+        assert (card.device, card.precision) in {("cpu", "fp32"), ("cuda", "fp16")}
         assert card.ttl_s == 30 and card.status == "serving" and card.schema_version == 1
         assert card.started_at <= card.heartbeat_at <= utcnow() + timedelta(seconds=1)
         assert [spec.name for spec in card.inputs] == ["messages"]

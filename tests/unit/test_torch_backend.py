@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 # Before transformers is imported: it reads these once. Nothing here may touch a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -17,6 +18,7 @@ from services.worker.backends.base import GenerationInput, GenerationOutput
 from services.worker.backends.torch_backend import (
     TorchBackend,
     finish_output,
+    resolve_precision,
     sampling_group_key,
 )
 from services.worker.checkpoints import ensure_tiny_checkpoints
@@ -304,3 +306,24 @@ def test_close_frees_the_model(models_dir: Path) -> None:
     assert loaded.model is None
     with pytest.raises(RuntimeError, match="closed"):
         loaded.generate([ask("a", "Hello")])
+
+
+def test_int8_dynamic_quantization_runs_on_cpu_and_says_so(models_dir: Path) -> None:
+    quantized = TorchBackend.load(
+        "tiny-light", models_dir / "tiny-light", device="cpu", max_context_tokens=CONTEXT, precision="int8"
+    )
+    try:
+        output = quantized.generate([ask("q", "hello there", max_tokens=5)])[0]
+        quantized_modules = [m for m in quantized.require_model().modules() if "quantized" in type(m).__module__]
+    finally:
+        quantized.close()
+    assert quantized.info().precision == "int8"
+    assert output.finish_reason in ("stop", "length") and 0 < output.completion_tokens <= 5
+    assert quantized_modules, "no Linear layer was quantized"
+
+
+def test_precision_rules() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("auto", cuda) == "fp16"
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_precision("int8", cuda)

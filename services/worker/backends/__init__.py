@@ -19,7 +19,13 @@ def load_backend(model: ModelConfig, pool: PoolConfig, checkpoint: Path | None) 
         from services.worker.backends.torch_backend import TorchBackend
 
         assert checkpoint is not None
-        return TorchBackend.load(model.id, checkpoint, device=pool.device, max_context_tokens=model.max_context_tokens)
+        return TorchBackend.load(
+            model.id,
+            checkpoint,
+            device=pool.device,
+            max_context_tokens=model.max_context_tokens,
+            precision=model.precision,
+        )
     if pool.backend == "openai":
         from services.worker.backends.openai_backend import OpenAIBackend
 

@@ -71,6 +71,25 @@ def dtype_for(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+FLOAT_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` is fp16 on CUDA and fp32 on CPU; int8 (dynamic quantization) exists on CPU only."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError("precision int8 is dynamic quantization of Linear layers, which runs on CPU only")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("precision bf16 needs a GPU that supports bfloat16 (compute capability 8.0+)")
+    return precision
+
+
+def quantize_int8(model: PreTrainedModel) -> PreTrainedModel:
+    """Dynamic int8 quantization of every Linear layer: weights int8, activations quantized on the fly."""
+    return cast(PreTrainedModel, torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8))
+
+
 @dataclass(frozen=True)
 class EncodedRequest:
     """A request whose prompt fits: its position in the batch and its prompt token ids."""
@@ -149,8 +168,11 @@ class TorchBackend:
         tokenizer: PreTrainedTokenizerBase,
         device: torch.device,
         max_context_tokens: int,
+        *,
+        precision: str = "fp32",
     ) -> None:
         self.model_id = model_id
+        self.precision = precision
         self.model: PreTrainedModel | None = model
         self.tokenizer = tokenizer
         self.device = device
@@ -162,26 +184,32 @@ class TorchBackend:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, model_id: str, path: Path, *, device: str = "auto", max_context_tokens: int) -> TorchBackend:
+    def load(
+        cls, model_id: str, path: Path, *, device: str = "auto", max_context_tokens: int, precision: str = "auto"
+    ) -> TorchBackend:
         """Load a checkpoint directory (never the network) onto `device` (`auto`, `cpu` or `cuda`)."""
         started = time.perf_counter()
         target = resolve_device(device)
+        chosen = resolve_precision(precision, target)
         with quiet_transformers_progress():
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype_for(target))
+            dtype = FLOAT_PRECISIONS.get(chosen, torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
         prepare_tokenizer_for_batching(tokenizer)
         model.to(target).eval()  # type: ignore[arg-type]  # transformers' wrapped .to() confuses mypy
+        if chosen == "int8":
+            model = quantize_int8(model)  # type: ignore[assignment]  # still a PreTrainedModel
         warn_if_context_exceeds_model(model_id, model, max_context_tokens)
         logger.info(
             "loaded model %s from %s on %s (%s): %d parameters in %.2f s",
             model_id,
             path,
             target,
-            dtype_for(target),
+            chosen,
             sum(parameter.numel() for parameter in model.parameters()),
             time.perf_counter() - started,
         )
-        return cls(model_id, model, tokenizer, target, max_context_tokens)
+        return cls(model_id, model, tokenizer, target, max_context_tokens, precision=chosen)
 
     def require_model(self) -> PreTrainedModel:
         if self.model is None:
@@ -201,14 +229,9 @@ class TorchBackend:
             raise BatchTooLargeError(f"batch of {len(batch)} did not fit on {self.device}") from error
 
     def info(self) -> BackendInfo:
-        """Registry metadata: transformers on this device, at the dtype it loaded with."""
-        dtype = str(dtype_for(self.device)).removeprefix("torch.")
-        return BackendInfo(
-            backend="torch",
-            framework=f"transformers-{transformers.__version__}",
-            device=str(self.device),
-            precision=dtype,
-        )
+        """Registry metadata: transformers on this device, at the precision it loaded with."""
+        framework = f"transformers-{transformers.__version__}"
+        return BackendInfo(backend="torch", framework=framework, device=str(self.device), precision=self.precision)
 
     def generate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
         """Run one batch; output order = input order. Bad requests get an error output of their own."""
