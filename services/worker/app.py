@@ -14,7 +14,7 @@ from services.worker.backends import load_backend
 from services.worker.config import WorkerSettings
 from services.worker.execution import LoadedModel
 from services.worker.handlers import SERVICE, register_handlers
-from services.worker.metrics import WorkerMetrics
+from services.worker.metrics import WorkerMetrics, register_gpu_gauges
 from shared.kafka import ensure_topics, make_broker
 from shared.messages import ModelCard, utcnow
 from shared.registry import CHAT_INPUTS, CHAT_OUTPUTS, RegistryPublisher, new_instance_id
@@ -79,6 +79,7 @@ def create_app(settings: WorkerSettings | None = None) -> AsgiFastStream:
     async def load() -> None:
         await ensure_topics(settings)
         models.update(await asyncio.to_thread(load_models, settings))
+        register_gpu_gauges(registry)
 
     async def register() -> None:
         nonlocal publisher

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.worker.execution import JobFailure, Outcome
 
@@ -64,3 +65,24 @@ class WorkerMetrics:
                 model_runs.add((model, outcome.timings.inference_ms))
         for model, inference_ms in model_runs:
             self.inference.labels(pool, model).observe(inference_ms / 1000)
+
+
+def register_gpu_gauges(registry: CollectorRegistry) -> bool:
+    """GPU memory (and utilisation, when NVML is there) of this process; False without a GPU."""
+    torch = sys.modules.get("torch")  # only a worker whose backend imported torch can have one
+    if torch is None or not torch.cuda.is_available():
+        return False
+    Gauge("autoglm_worker_gpu_memory_allocated_bytes", "CUDA memory held by tensors", registry=registry).set_function(
+        torch.cuda.memory_allocated
+    )
+    Gauge(
+        "autoglm_worker_gpu_memory_reserved_bytes", "CUDA memory reserved by the allocator", registry=registry
+    ).set_function(torch.cuda.memory_reserved)
+    try:
+        torch.cuda.utilization()
+    except Exception:  # noqa: BLE001 - utilisation needs NVML (pynvml); memory alone is still useful
+        return True
+    Gauge(
+        "autoglm_worker_gpu_utilization_percent", "GPU busy time over the last sample", registry=registry
+    ).set_function(torch.cuda.utilization)
+    return True
