@@ -80,7 +80,7 @@ def register_gpu_gauges(registry: CollectorRegistry) -> bool:
     ).set_function(torch.cuda.memory_reserved)
     try:
         torch.cuda.utilization()
-    except Exception:  # noqa: BLE001 - utilisation needs NVML (pynvml); memory alone is still useful
+    except Exception:
         return True
     Gauge(
         "autoglm_worker_gpu_utilization_percent", "GPU busy time over the last sample", registry=registry
