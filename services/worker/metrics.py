@@ -81,7 +81,7 @@ def register_gpu_gauges(registry: CollectorRegistry) -> bool:
     try:
         torch.cuda.utilization()
     except Exception:
-        return True
+        return True  # utilisation needs NVML (pynvml); memory alone is still useful
     Gauge(
         "autoglm_worker_gpu_utilization_percent", "GPU busy time over the last sample", registry=registry
     ).set_function(torch.cuda.utilization)
