@@ -9,7 +9,7 @@ from faststream.specification import AsyncAPI
 from prometheus_client import CollectorRegistry
 
 from shared import topics
-from shared.messages import ChatRequest, ChatResult, DeadLetter, RoutedJob
+from shared.messages import CancelRequest, ChatRequest, ChatResult, DeadLetter, ModelCard, RoutedJob
 
 
 def build_asyncapi() -> dict[str, Any]:
@@ -47,7 +47,13 @@ def describe_topics(broker: KafkaBroker, pools: dict[str, Any]) -> None:
         topics.RESULTS: (ChatResult, "Every request's result, keyed by request id."),
         topics.REPLIES: (ChatResult, "Results for waiting gateways; partition = gateway instance."),
         topics.DEADLETTER: (DeadLetter, "Messages that could not be processed, with the reason."),
+        topics.CONTROL: (CancelRequest, "Cancellations, read by every router and worker."),
+        topics.REGISTRY: (ModelCard, "Live model cards (compacted; key instance_id/model_id; null = withdrawn)."),
         **{topics.jobs_topic(pool): (RoutedJob, f"Routed jobs for the {pool} pool.") for pool in pools},
+        **{
+            topics.retry_topic(pool): (RoutedJob, f"Jobs of the {pool} pool awaiting another attempt (headers).")
+            for pool in pools
+        },
     }
     for topic, (schema, description) in documented.items():
         broker.publisher(topic, schema=schema, description=description, title=f"{topic}:publish")
