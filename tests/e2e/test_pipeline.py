@@ -124,8 +124,8 @@ async def publish_and_read(
     raise AssertionError("the consumer stopped")
 
 
-async def test_a_producer_without_the_gateway_reads_its_result(stack: Stack) -> None:
-    request = ChatRequest(messages=[ChatMessage(role="user", content="straight to Kafka")], max_tokens=4)
+async def result_of(stack: Stack, request: ChatRequest) -> ChatResult:
+    """Publish `request` straight to Kafka, as any producer would, and read its result."""
     raw = await publish_and_read(
         stack,
         send=request.model_dump_json().encode(),
@@ -133,7 +133,12 @@ async def test_a_producer_without_the_gateway_reads_its_result(stack: Stack) -> 
         watch=topics.RESULTS,
         match=lambda value: ChatResult.model_validate_json(value).request_id == request.request_id,
     )
-    result = ChatResult.model_validate_json(raw)
+    return ChatResult.model_validate_json(raw)
+
+
+async def test_a_producer_without_the_gateway_reads_its_result(stack: Stack) -> None:
+    request = ChatRequest(messages=[ChatMessage(role="user", content="straight to Kafka")], max_tokens=4)
+    result = await result_of(stack, request)
     assert result.ok and result.choices[0].message.role == "assistant"
     assert result.usage.completion_tokens <= 4
 

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from shared import topics
 from shared.messages import CancelRequest, ChatMessage, ChatRequest, ChatResult, utcnow
 from tests.e2e.harness import Stack
-from tests.e2e.test_pipeline import fetch_row, publish_and_read, wait_for_assignment
+from tests.e2e.test_pipeline import fetch_row, result_of, wait_for_assignment
 
 
 async def completions(stack: Stack, count: int, concurrency: int) -> list[str]:
@@ -100,13 +100,6 @@ async def test_a_cancelled_request_is_answered_without_running(stack: Stack) -> 
     finally:
         await producer.stop()
     await asyncio.sleep(1.0)  # the control topic is read by its own consumer in each service
-    raw = await publish_and_read(
-        stack,
-        send=request.model_dump_json().encode(),
-        key=request.request_id.encode(),
-        watch=topics.RESULTS,
-        match=lambda value: ChatResult.model_validate_json(value).request_id == request.request_id,
-    )
-    result = ChatResult.model_validate_json(raw)
+    result = await result_of(stack, request)
     assert result.error is not None and result.error.type == "cancelled"
     assert result.usage.total_tokens == 0
