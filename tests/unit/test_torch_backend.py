@@ -14,7 +14,7 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from services.worker.backends.base import GenerationInput, GenerationOutput
+from services.worker.backends.base import GenerationInput, GenerationOutput, PermanentBackendError
 from services.worker.backends.torch_backend import (
     TorchBackend,
     finish_output,
@@ -327,3 +327,34 @@ def test_precision_rules() -> None:
     assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("auto", cuda) == "fp16"
     with pytest.raises(ValueError, match="CPU only"):
         resolve_precision("int8", cuda)
+
+
+async def stream_text(backend: TorchBackend, request: GenerationInput) -> list[str]:
+    return [piece async for piece in backend.astream(request)]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"max_tokens": 16}, {"max_tokens": 3}, {"max_tokens": 24, "temperature": 0.8, "seed": 7}],
+    ids=["greedy", "short", "seeded"],
+)
+async def test_streamed_pieces_join_to_the_generated_text(backend: TorchBackend, options: dict[str, Any]) -> None:
+    request = ask("s", "Tell me about the lighthouse", **options)
+    pieces = await stream_text(backend, request)
+    assert "".join(pieces) == backend.generate([request])[0].text
+    if options["max_tokens"] >= 16:
+        assert len(pieces) >= 2, pieces  # it really streamed
+
+
+async def test_a_stop_string_is_never_streamed(backend: TorchBackend) -> None:
+    full = backend.generate([ask("f", "Tell me about the lighthouse", max_tokens=24)])[0].text
+    stop = pick_stop_string(full)
+    request = ask("s", "Tell me about the lighthouse", max_tokens=24, stop=[stop])
+    pieces = await stream_text(backend, request)
+    assert "".join(pieces) == full[: full.index(stop)]
+    assert stop not in "".join(pieces)
+
+
+async def test_a_prompt_too_long_to_stream_is_refused(backend: TorchBackend) -> None:
+    with pytest.raises(PermanentBackendError, match="prompt too long"):
+        await stream_text(backend, ask("x", LONG_PROMPT * 4, max_tokens=16))

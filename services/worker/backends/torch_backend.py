@@ -20,7 +20,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +38,16 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as transformers_logging
 
-from services.worker.backends.base import BackendInfo, BatchTooLargeError, GenerationInput, GenerationOutput
+from services.worker.backends.base import (
+    BackendInfo,
+    BatchTooLargeError,
+    GenerationInput,
+    GenerationOutput,
+    PermanentBackendError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +165,27 @@ class PerRowStoppingCriteria(StoppingCriteria):
         return first_stop_position(tail, self.stops[row]) is not None
 
 
+class TokenQueue(BaseStreamer):
+    """Hands the tokens transformers generates in a thread to an asyncio reader, as they come."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        self._prompt_skipped = False
+        self._ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_skipped:  # generate() first hands over the prompt itself
+            self._prompt_skipped = True
+            return
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, value.view(-1).tolist())
+
+    def end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+
 class TorchBackend:
     """A causal LM loaded with transformers; implements `base.Backend`. `generate` is serialised by a lock."""
 
@@ -233,6 +261,52 @@ class TorchBackend:
         framework = f"transformers-{transformers.__version__}"
         return BackendInfo(backend="torch", framework=framework, device=str(self.device), precision=self.precision)
 
+    async def astream(self, request: GenerationInput) -> AsyncIterator[str]:
+        """One request's text as it is generated; the pieces join to exactly what `generate` returns.
+
+        Text that could still turn out to be the start of a stop string is held back until it cannot.
+        A prompt that cannot run raises PermanentBackendError. Not wired into the worker yet: the
+        stream's way through Kafka to the gateway is the gateway issue's.
+        """
+        encoded = self._encode(0, request)
+        if isinstance(encoded, GenerationOutput):
+            raise PermanentBackendError(encoded.error or "the request cannot run")
+        streamer = TokenQueue(asyncio.get_running_loop())
+
+        def run() -> GenerationOutput:
+            with self._lock, torch.inference_mode():
+                try:
+                    return self._generate_group([encoded], streamer)[0]
+                finally:
+                    streamer.end()  # also when generate() raised, so the reader below never hangs
+
+        finished = asyncio.ensure_future(asyncio.to_thread(run))
+        emitted = ""
+        async for text in self._visible_text(streamer, effective_stops(request)):
+            yield text[len(emitted) :]
+            emitted = text
+        final = (await finished).text
+        if not final.startswith(emitted):
+            logger.warning("streamed text of %s diverged from its final text", request.request_id)
+        elif final != emitted:
+            yield final[len(emitted) :]
+
+    async def _visible_text(self, streamer: TokenQueue, stops: list[str]) -> AsyncIterator[str]:
+        """The growing answer text, safe to show: up to a stop string, never half a character."""
+        holdback = max((len(stop) for stop in stops), default=1) - 1
+        tokens: list[int] = []
+        shown = 0
+        while (ids := await streamer.queue.get()) is not None:
+            tokens.extend(ids)
+            text = decode_text(self.tokenizer, cut_at_eos(tokens, self.eos_token_ids)[0])
+            if text.endswith("\ufffd"):
+                continue  # a multi-byte character split across tokens: wait for the rest
+            cut = first_stop_position(text, stops)
+            visible = text[:cut] if cut is not None else text[: len(text) - holdback]
+            if len(visible) > shown:
+                shown = len(visible)
+                yield visible
+
     def generate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
         """Run one batch; output order = input order. Bad requests get an error output of their own."""
         self.require_model()
@@ -257,7 +331,9 @@ class TorchBackend:
         """The prompt's token ids: the messages through the chat template, ready for the assistant's turn."""
         return encode_chat_prompt(self.tokenizer, request)
 
-    def _generate_group(self, group: list[EncodedRequest]) -> list[GenerationOutput]:
+    def _generate_group(
+        self, group: list[EncodedRequest], streamer: BaseStreamer | None = None
+    ) -> list[GenerationOutput]:
         """One `generate()` call for requests with identical sampling settings."""
         requests = [item.request for item in group]
         padded = self.tokenizer.pad(
@@ -275,6 +351,7 @@ class TorchBackend:
                 **padded,
                 generation_config=self._generation_config(requests),
                 stopping_criteria=stopping,
+                streamer=streamer,
             )
         new_tokens = sequences[:, prompt_width:].tolist()
         return [
