@@ -8,7 +8,14 @@ from fastapi import APIRouter, Depends, Request
 
 from services.gateway.errors import ApiError, error_from_result
 from services.gateway.models import find_model, list_models
-from services.gateway.protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelCard, ModelList
+from services.gateway.protocol import (
+    CancellationResponse,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
 from services.gateway.serving import ChatService
 from shared.registry import RegistryView
 
@@ -27,7 +34,7 @@ def get_registry(request: Request) -> RegistryView:
 
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
 RegistryDep = Annotated[RegistryView, Depends(get_registry)]
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 500, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 409, 500, 503, 504)}
 
 router = APIRouter(prefix="/v1", responses=ERRORS)  # type: ignore[arg-type]
 
@@ -56,3 +63,10 @@ async def get_model(model_id: str, chat: ChatServiceDep, registry: RegistryDep) 
             404, f"The model '{model_id}' does not exist", "invalid_request_error", "model", "model_not_found"
         )
     return model
+
+
+@router.post("/requests/{request_id}/cancel", status_code=202, response_model=CancellationResponse)
+async def cancel_request(request_id: str, chat: ChatServiceDep) -> CancellationResponse:
+    """Cancel a queued request: routers and workers answer it `cancelled` instead of running it."""
+    await chat.cancel(request_id)
+    return CancellationResponse(id=request_id)

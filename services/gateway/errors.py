@@ -31,7 +31,7 @@ class ApiError(Exception):
         return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status)
 
 
-RESULT_ERROR_STATUS = {"invalid_request_error": 400, "timeout": 504}
+RESULT_ERROR_STATUS = {"invalid_request_error": 400, "cancelled": 409, "timeout": 504}
 
 
 def error_from_result(result: ChatResult) -> ApiError:

@@ -91,6 +91,14 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class CancellationResponse(BaseModel):
+    """`POST /v1/requests/{id}/cancel`: the cancellation is on its way to every router and worker."""
+
+    id: str
+    object: Literal["request.cancellation"] = "request.cancellation"
+    status: Literal["cancelling"] = "cancelling"
+
+
 class ErrorInfo(BaseModel):
     """OpenAI's error object."""
 

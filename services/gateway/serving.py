@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import timedelta
+from typing import Any
 
 from faststream.kafka import KafkaBroker
 
@@ -14,7 +15,16 @@ from services.gateway.protocol import ChatCompletionRequest
 from services.gateway.replies import ReplyWaiters
 from shared import topics
 from shared.logging import bound_request_id
-from shared.messages import ChatMessage, ChatRequest, ChatResult, ReplyRoute, new_request_id, utcnow
+from shared.messages import (
+    CancelRequest,
+    ChatMessage,
+    ChatRequest,
+    ChatResult,
+    Envelope,
+    ReplyRoute,
+    new_request_id,
+    utcnow,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +68,18 @@ class ChatService:
 
     async def publish(self, request: ChatRequest) -> None:
         """Put the request on the requests topic; 503 when Kafka does not take it."""
+        key = request.request_id.encode()
+        await self.publish_or_503(request, topics.REQUESTS, key, correlation_id=request.request_id)
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask every router and worker to skip `request_id` (one that is already running finishes)."""
+        await self.publish_or_503(CancelRequest(request_id=request_id), topics.CONTROL, request_id.encode())
+
+    async def publish_or_503(self, message: Envelope, topic: str, key: bytes, **options: Any) -> None:
         try:
-            await self.broker.publish(
-                request, topics.REQUESTS, key=request.request_id.encode(), correlation_id=request.request_id
-            )
+            await self.broker.publish(message, topic, key=key, **options)
         except Exception as error:
-            logger.exception("publishing the request failed")
+            logger.exception("publishing to %s failed", topic)
             raise ApiError(
                 503, "The request queue is unavailable, retry later", "server_error", None, "unavailable"
             ) from error

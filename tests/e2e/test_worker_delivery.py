@@ -103,3 +103,14 @@ async def test_a_cancelled_request_is_answered_without_running(stack: Stack) -> 
     result = await result_of(stack, request)
     assert result.error is not None and result.error.type == "cancelled"
     assert result.usage.total_tokens == 0
+
+
+async def test_cancelling_over_http_stops_a_request_that_has_not_run(stack: Stack) -> None:
+    request = ChatRequest(model="tiny-light", messages=[ChatMessage(role="user", content="cancel me over HTTP")])
+    async with httpx.AsyncClient(base_url=stack.gateway_url) as client:
+        response = await client.post(f"/v1/requests/{request.request_id}/cancel")
+    assert response.status_code == 202
+    assert response.json() == {"id": request.request_id, "object": "request.cancellation", "status": "cancelling"}
+    await asyncio.sleep(1.0)  # the control topic is read by its own consumer in each service
+    result = await result_of(stack, request)
+    assert result.error is not None and result.error.code == "request_cancelled"
