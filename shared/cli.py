@@ -38,7 +38,7 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Apply the database migrations."""
-    from services.exporter.migrate import upgrade
+    from shared.db.migrate import upgrade
 
     url = args.database_url or load_settings(StackSettings).database_url
     upgrade(url)

@@ -7,11 +7,11 @@ import logging
 from faststream.asgi import AsgiFastStream
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.exporter.config import ExporterSettings
 from services.exporter.handlers import register_handlers
-from services.exporter.migrate import upgrade_async
+from shared.db import make_engine
+from shared.db.migrate import upgrade_async
 from shared.kafka import ensure_topics, make_broker
 from shared.service import ops_routes, setup_tracing
 from shared.settings import load_settings
@@ -25,7 +25,7 @@ def create_app(settings: ExporterSettings | None = None) -> AsgiFastStream:
     setup_tracing(SERVICE)
     registry = CollectorRegistry()
     broker = make_broker(settings, service=SERVICE, registry=registry)
-    engine = create_async_engine(settings.database_url, pool_size=4, pool_pre_ping=True)
+    engine = make_engine(settings.database_url)
     register_handlers(broker, settings, engine)
 
     async def prepare() -> None:

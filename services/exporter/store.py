@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.exporter.tables import RequestRow, ResultRow
+from shared.db.tables import RequestRow, ResultRow
 from shared.messages import ChatRequest, ChatResult
 
 

@@ -9,7 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from services.exporter.tables import Base
+from shared.db.tables import Base
 
 MIGRATION_LOCK_ID = 72_690_001  # pg advisory lock: concurrent exporters must not migrate twice
 

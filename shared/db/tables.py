@@ -1,4 +1,4 @@
-"""PostgreSQL tables the exporter writes (the schema itself is created by Alembic migrations)."""
+"""PostgreSQL tables: the exporter writes them, the gateway reads them; Alembic migrations create them."""
 
 from __future__ import annotations
 
