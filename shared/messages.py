@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -85,11 +85,22 @@ class ChatRequest(Envelope):
         default=False,
         description="Readiness probe: travels the whole path but runs no model and is not stored.",
     )
+    stream: bool = Field(
+        default=False,
+        description="The caller reads the answer as it is generated: workers publish `ChatChunk`s to `reply_to`.",
+    )
+    prompt_format: Literal["chat", "text"] = Field(
+        default="chat",
+        description="`text` (`/v1/completions`): the one user message is a raw prompt, continued without the "
+        "chat template.",
+    )
 
     @model_validator(mode="after")
     def _last_message_is_not_from_assistant(self) -> ChatRequest:
         if self.messages[-1].role == "assistant":
             raise ValueError("the last message must come from the user or the system")
+        if self.prompt_format == "text" and (len(self.messages) != 1 or self.messages[0].role != "user"):
+            raise ValueError("a text prompt is exactly one user message")
         return self
 
     def is_expired(self, now: datetime | None = None) -> bool:
@@ -226,3 +237,30 @@ class CancelRequest(Envelope):
     reason: str = Field(default="cancelled by the client", max_length=500)
     requested_by: str | None = Field(default=None, description="Identity of whoever cancelled it.")
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class ChatChunk(Envelope):
+    """A piece of a streamed answer: the caller's reply route only, before the request's `ChatResult`.
+
+    One run of a request (`stream_id`) numbers its chunks from 0; a retried or redelivered request
+    streams again under a new `stream_id`. The final `ChatResult` holds the whole text, so a chunk that
+    is lost costs a client only smoothness, never text.
+    """
+
+    stream_id: str = Field(min_length=1, description="One run of the request on a worker.")
+    seq: int = Field(ge=0, description="Position of this chunk within its run.")
+    delta: str = Field(description="Text generated since the previous chunk.")
+    model: str | None = None
+
+
+def reply_kind(value: Any) -> str:
+    """Tells the two messages on a reply partition apart: only a chunk has a `delta`."""
+    if isinstance(value, dict):
+        return "chunk" if "delta" in value else "result"
+    return "chunk" if isinstance(value, ChatChunk) else "result"
+
+
+Reply = Annotated[
+    Annotated[ChatResult, Tag("result")] | Annotated[ChatChunk, Tag("chunk")], Discriminator(reply_kind)
+]
+"""What a gateway reads from its reply partition: `ChatChunk`s of streamed requests, then `ChatResult`s."""

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, make_asgi_app
 
 from services.gateway.api import router
+from services.gateway.cache import ResponseCache
 from services.gateway.config import GatewaySettings
 from services.gateway.errors import install_error_handlers
 from services.gateway.handlers import register_handlers
@@ -53,8 +54,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     setup_tracing(SERVICE)
     registry = CollectorRegistry()
     broker = make_broker(settings, service=SERVICE, registry=registry)
-    waiters = ReplyWaiters()
-    chat = ChatService(broker, settings, waiters)
+    waiters = ReplyWaiters(registry)
+    cache = ResponseCache(settings.gateway.cache.max_entries, settings.gateway.cache.ttl_s, registry)
+    chat = ChatService(broker, settings, waiters, cache)
     readiness = Readiness(chat, settings.gateway.readiness_ttl_s)
 
     registry_view = RegistryView()  # `registry` is the metrics registry

@@ -7,6 +7,14 @@ from pydantic import BaseModel, Field, model_validator
 from shared.settings import CommonSettings
 
 
+class CacheOptions(BaseModel):
+    """Exact-match cache of deterministic answers (temperature 0 or a seed), per gateway instance."""
+
+    enabled: bool = True
+    max_entries: int = Field(default=1024, ge=0)
+    ttl_s: float = Field(default=300.0, gt=0)
+
+
 class GatewayOptions(BaseModel):
     """HTTP listener, this instance's reply partition, and time limits."""
 
@@ -18,6 +26,7 @@ class GatewayOptions(BaseModel):
     request_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     readiness_ttl_s: float = Field(default=5.0, ge=0, description="How long a passing end-to-end probe counts.")
     readiness_timeout_s: float = Field(default=5.0, gt=0)
+    cache: CacheOptions = Field(default_factory=CacheOptions)
 
 
 class GatewaySettings(CommonSettings):

@@ -1,4 +1,4 @@
-"""The gateway's subscriber: results arriving on this instance's reply partition."""
+"""The gateway's subscriber: results and stream chunks arriving on this instance's reply partition."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.replies import ReplyWaiters
 from shared import topics
 from shared.kafka import FETCH_MAX_WAIT_MS
-from shared.messages import ChatResult
+from shared.messages import Reply
 
 
 def register_handlers(broker: KafkaBroker, settings: GatewaySettings, waiters: ReplyWaiters) -> None:
@@ -22,6 +22,6 @@ def register_handlers(broker: KafkaBroker, settings: GatewaySettings, waiters: R
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         title=f"replies for gateway {settings.gateway.instance}",
     )
-    async def receive_reply(result: ChatResult) -> None:
-        """Wake the HTTP request waiting for this result."""
-        waiters.deliver(result)
+    async def receive_reply(reply: Reply) -> None:
+        """Wake the HTTP request waiting for this result, or feed its stream."""
+        waiters.deliver(reply)

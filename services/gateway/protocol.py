@@ -6,44 +6,114 @@ import time
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from shared.messages import ChatMessage, ChatRequest, ChatResult, Choice, ReplyRoute, Usage
 
 
-class ChatCompletionRequest(BaseModel):
-    """`POST /v1/chat/completions` body. Unknown fields are refused, never silently ignored."""
+class StreamOptions(BaseModel):
+    """`stream_options`: what a streamed answer carries besides the text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(default=False, description="Send a last chunk with `usage` and no choices.")
+
+
+class GenerationParams(BaseModel):
+    """Fields both completion endpoints share. Unknown fields are refused, never silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(default="auto", min_length=1, examples=["auto"])
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=32_768)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=32_768)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 strings that end the answer.")
     seed: int | None = None
     n: Literal[1] = 1
     user: str | None = Field(default=None, max_length=200)
-    stream: Literal[False] = Field(default=False, description="Streaming is not supported yet.")
+    stream: bool = Field(default=False, description="Answer with server-sent events as the text is generated.")
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_a_stream(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return options
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > 4:
+            raise ValueError("at most 4 stop strings")
+        return stop
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def prompt(self) -> tuple[list[ChatMessage], Literal["chat", "text"]]:
+        """The conversation the model sees, and its format."""
+        raise NotImplementedError
+
+    def output_limit(self) -> int | None:
+        return self.max_tokens
 
     def to_chat_request(self, request_id: str, deadline: datetime, reply_to: ReplyRoute) -> ChatRequest:
         """The bus message for this HTTP request."""
-        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        messages, prompt_format = self.prompt()
         return ChatRequest(
             request_id=request_id,
             model=self.model,
-            messages=self.messages,
-            max_tokens=self.max_completion_tokens or self.max_tokens,
+            messages=messages,
+            prompt_format=prompt_format,
+            max_tokens=self.output_limit(),
             temperature=self.temperature,
             top_p=self.top_p,
-            stop=stop,
+            stop=[self.stop] if isinstance(self.stop, str) else self.stop,
             seed=self.seed,
             user=self.user,
+            stream=self.stream,
             deadline=deadline,
             reply_to=reply_to,
         )
+
+
+class ChatCompletionRequest(GenerationParams):
+    """`POST /v1/chat/completions` body."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=32_768)
+
+    def prompt(self) -> tuple[list[ChatMessage], Literal["chat", "text"]]:
+        return self.messages, "chat"
+
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(GenerationParams):
+    """`POST /v1/completions` body: a raw prompt the model continues (no chat template)."""
+
+    prompt_text: str | list[str] = Field(
+        alias="prompt", description="The text to continue; a list must hold exactly one string."
+    )
+    max_tokens: int | None = Field(default=16, ge=1, le=32_768)  # OpenAI's default for this endpoint
+
+    @field_validator("prompt_text")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
+        if isinstance(prompt, list) and len(prompt) != 1:
+            raise ValueError("exactly one prompt per request (n=1)")
+        text = prompt if isinstance(prompt, str) else prompt[0]
+        if not text:
+            raise ValueError("the prompt is empty")
+        return prompt
+
+    def prompt(self) -> tuple[list[ChatMessage], Literal["chat", "text"]]:
+        text = self.prompt_text if isinstance(self.prompt_text, str) else self.prompt_text[0]
+        return [ChatMessage(role="user", content=text)], "text"
 
 
 class ChatCompletionResponse(BaseModel):
@@ -66,6 +136,74 @@ class ChatCompletionResponse(BaseModel):
             choices=result.choices,
             usage=result.usage,
         )
+
+
+class TextChoice(BaseModel):
+    """One generated continuation of `/v1/completions`."""
+
+    text: str
+    index: int = 0
+    logprobs: None = None
+    finish_reason: Literal["stop", "length", "error", "cancelled"] | None = "stop"
+
+
+class TextCompletionResponse(BaseModel):
+    """A text completion, shaped as OpenAI's."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+    @classmethod
+    def from_result(cls, result: ChatResult) -> TextCompletionResponse:
+        choices = [
+            TextChoice(text=c.message.content, index=c.index, finish_reason=c.finish_reason) for c in result.choices
+        ]
+        return cls(
+            id=result.request_id,
+            created=int(result.created_at.timestamp()),
+            model=result.model or "unknown",
+            choices=choices,
+            usage=result.usage,
+        )
+
+
+class ChunkDelta(BaseModel):
+    """What a chat chunk adds to the answer."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    finish_reason: Literal["stop", "length", "error", "cancelled"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion (`data: {...}`; the stream ends with `data: [DONE]`)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = Field(default=None, description="Only on the last chunk, with include_usage.")
+
+
+class TextCompletionChunk(BaseModel):
+    """One server-sent event of a streamed text completion."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):

@@ -12,19 +12,27 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from shared.messages import ChatResult
+from prometheus_client import CollectorRegistry, Counter
+
+from shared.messages import ChatResult, Reply
 
 logger = logging.getLogger(__name__)
 
 
 class ReplyWaiters:
-    """Futures of in-flight requests, keyed by request id."""
+    """In-flight requests keyed by request id: a future for a result, or a queue for a stream."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._waiting: dict[str, asyncio.Future[ChatResult]] = {}
+        self._streams: dict[str, asyncio.Queue[Reply]] = {}
+        # Unclaimed: nobody waited for it (late, a duplicate, or - a bug - another gateway's reply).
+        self.replies = Counter(
+            "autoglm_gateway_replies", "Results and chunks read, by outcome", ["outcome"],
+            registry=registry or CollectorRegistry(),  # not the global one: tests make many
+        )  # fmt: skip
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._streams)
 
     def expect(self, request_id: str) -> asyncio.Future[ChatResult]:
         """Register interest in a request's result before publishing it (so it cannot be missed)."""
@@ -32,15 +40,26 @@ class ReplyWaiters:
         self._waiting[request_id] = future
         return future
 
+    def expect_stream(self, request_id: str) -> asyncio.Queue[Reply]:
+        """Register a streamed request: its chunks, then its result, arrive on the queue."""
+        queue: asyncio.Queue[Reply] = asyncio.Queue()
+        self._streams[request_id] = queue
+        return queue
+
     def forget(self, request_id: str) -> None:
         """Stop waiting (the client got its answer, timed out or went away)."""
         self._waiting.pop(request_id, None)
+        self._streams.pop(request_id, None)
 
-    def deliver(self, result: ChatResult) -> bool:
-        """Hand a result to its waiter; False when nobody waits (late, duplicate or not ours)."""
-        future = self._waiting.pop(result.request_id, None)
-        if future is None or future.done():
-            logger.debug("no waiter for result %s", result.request_id)
+    def deliver(self, reply: Reply) -> bool:
+        """Hand a reply to whoever waits for it; False when nobody does."""
+        if (stream := self._streams.get(reply.request_id)) is not None:
+            stream.put_nowait(reply)
+        elif isinstance(reply, ChatResult) and (future := self._waiting.pop(reply.request_id, None)) is not None:
+            future.set_result(reply)
+        else:
+            logger.debug("no waiter for reply %s", reply.request_id)
+            self.replies.labels("unclaimed").inc()
             return False
-        future.set_result(result)
+        self.replies.labels("delivered").inc()
         return True

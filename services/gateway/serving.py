@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from faststream.kafka import KafkaBroker
 
+from services.gateway.cache import ResponseCache, cache_key
 from services.gateway.config import GatewaySettings
 from services.gateway.errors import ApiError
-from services.gateway.protocol import ChatCompletionRequest
+from services.gateway.protocol import GenerationParams
 from services.gateway.replies import ReplyWaiters
+from services.gateway.streaming import ReplyStream
 from shared import topics
 from shared.logging import bound_request_id
 from shared.messages import (
@@ -21,6 +24,7 @@ from shared.messages import (
     ChatRequest,
     ChatResult,
     Envelope,
+    Reply,
     ReplyRoute,
     new_request_id,
     utcnow,
@@ -29,14 +33,27 @@ from shared.messages import (
 logger = logging.getLogger(__name__)
 
 
-class ChatService:
-    """Publishes chat requests and awaits their results on this instance's reply partition."""
+@dataclass(frozen=True)
+class CacheLookup:
+    """What the response cache said about a request: `status` is hit, miss, bypass or off."""
 
-    def __init__(self, broker: KafkaBroker, settings: GatewaySettings, waiters: ReplyWaiters) -> None:
+    status: str
+    key: str | None = None
+    result: ChatResult | None = None
+
+
+class ChatService:
+    """Publishes chat requests and awaits their results (or streams) on this instance's reply partition."""
+
+    def __init__(
+        self, broker: KafkaBroker, settings: GatewaySettings, waiters: ReplyWaiters, cache: ResponseCache
+    ) -> None:
         self.broker = broker
         self.settings = settings
         self.waiters = waiters
+        self.cache = cache
         self.reply_to = ReplyRoute(topic=topics.REPLIES, partition=settings.gateway.instance)
+        self._background: set[asyncio.Task[None]] = set()
 
     def check_model(self, model: str) -> None:
         """404 unless `model` is `auto`, a pool or a served model id."""
@@ -44,12 +61,69 @@ class ChatService:
             return
         raise ApiError(404, f"The model '{model}' does not exist", "invalid_request_error", "model", "model_not_found")
 
-    async def complete(self, body: ChatCompletionRequest) -> ChatResult:
-        """Run a chat completion end to end and return its result (which may carry an error)."""
+    def new_request(self, body: GenerationParams) -> ChatRequest:
+        """The bus request for an HTTP body; 404 for a model nobody serves."""
         self.check_model(body.model)
-        timeout = self.settings.gateway.request_timeout_s
-        request = body.to_chat_request(new_request_id(), utcnow() + timedelta(seconds=timeout), self.reply_to)
-        return await self.round_trip(request, timeout)
+        deadline = utcnow() + timedelta(seconds=self.settings.gateway.request_timeout_s)
+        return body.to_chat_request(new_request_id(), deadline, self.reply_to)
+
+    def look_up(self, request: ChatRequest, bypass: bool) -> CacheLookup:
+        """Ask the response cache, when the request is deterministic and the caller did not opt out."""
+        if not self.settings.gateway.cache.enabled or not (request.temperature == 0 or request.seed is not None):
+            return CacheLookup("off")
+        if bypass:
+            self.cache.bypassed()
+            return CacheLookup("bypass")
+        key = cache_key(request)
+        result = self.cache.get(key)
+        return CacheLookup("hit" if result else "miss", key, result)
+
+    def remember(self, lookup: CacheLookup, result: ChatResult | None) -> None:
+        if lookup.key is not None and result is not None and lookup.result is None:
+            self.cache.put(lookup.key, result)
+
+    async def complete(self, request: ChatRequest, lookup: CacheLookup) -> ChatResult:
+        """The request's result (which may carry an error): from the cache, or end to end."""
+        if lookup.result is not None:
+            return lookup.result
+        result = await self.round_trip(request, self.settings.gateway.request_timeout_s)
+        self.remember(lookup, result)
+        return result
+
+    async def open_stream(self, request: ChatRequest, lookup: CacheLookup) -> ReplyStream:
+        """Publish a streamed request and wait for its first reply (an early error raises ApiError)."""
+        replies: asyncio.Queue[Reply]
+        if lookup.result is not None:
+            replies = asyncio.Queue()
+            replies.put_nowait(lookup.result)  # the whole text in one piece
+            request_id = lookup.result.request_id
+        else:
+            replies = self.waiters.expect_stream(request.request_id)
+            request_id = request.request_id
+
+        def close(stream: ReplyStream) -> None:
+            self.waiters.forget(request.request_id)
+            if stream.result is None and lookup.result is None:
+                self.in_background(self.cancel(request.request_id))  # the client left: stop the work
+            self.remember(lookup, stream.result)
+
+        deadline = asyncio.get_running_loop().time() + self.settings.gateway.request_timeout_s
+        stream = ReplyStream(request_id, replies, deadline, close)
+        try:
+            if lookup.result is None:
+                await self.publish(request)
+            await stream.start()
+        except BaseException:
+            self.waiters.forget(request.request_id)
+            raise
+        return stream
+
+    def in_background(self, work: Any) -> None:
+        """Run a coroutine nobody awaits, logging (not losing) its failure."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(log_failure)
 
     async def round_trip(self, request: ChatRequest, wait_s: float) -> ChatResult:
         """Publish `request` and wait up to `wait_s` seconds for its result."""
@@ -98,3 +172,8 @@ class ChatService:
         except ApiError as error:
             return f"end-to-end probe failed: {error.message}"
         return None if result.ok else f"end-to-end probe failed: {result.error}"
+
+
+def log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        logger.warning("background work failed: %s", error)

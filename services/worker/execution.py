@@ -12,10 +12,12 @@ from datetime import datetime
 from services.worker.backends.base import (
     Backend,
     BatchTooLargeError,
+    DeltaSink,
     GenerationInput,
     GenerationOutput,
     PermanentBackendError,
 )
+from services.worker.streaming import wants_stream
 from shared.messages import ChatMessage, ChatResult, Choice, ErrorInfo, RoutedJob, Timings, Usage, utcnow
 from shared.settings import ModelConfig
 
@@ -46,6 +48,8 @@ def generation_input(job: RoutedJob, config: ModelConfig) -> GenerationInput:
         top_p=request.top_p,
         stop=list(request.stop or []),
         seed=request.seed,
+        stream=wants_stream(job),
+        prompt_format=request.prompt_format,
     )
 
 
@@ -128,9 +132,15 @@ def cancelled_result(job: RoutedJob, taken_at: datetime) -> ChatResult:
 
 
 async def run_batch(
-    jobs: list[RoutedJob], models: dict[str, LoadedModel], cancelled: Container[str] = ()
+    jobs: list[RoutedJob],
+    models: dict[str, LoadedModel],
+    cancelled: Container[str] = (),
+    on_delta: DeltaSink | None = None,
 ) -> list[Outcome]:
-    """One outcome per job, in order: a result (answer or error) or a failure to retry."""
+    """One outcome per job, in order: a result (answer or error) or a failure to retry.
+
+    Streamed jobs hand their text to `on_delta` as it is generated.
+    """
     taken_at = utcnow()
     outcomes: dict[str, Outcome] = {}
     by_model: dict[str, list[RoutedJob]] = defaultdict(list)
@@ -143,23 +153,29 @@ async def run_batch(
         else:
             by_model[job.model].append(job)
     for model_id, group in by_model.items():
-        for job, outcome in zip(group, await run_on_model(group, models[model_id], taken_at), strict=True):
+        for job, outcome in zip(group, await run_on_model(group, models[model_id], taken_at, on_delta), strict=True):
             outcomes[job.request_id] = outcome
     return [outcomes[job.request_id] for job in jobs]
 
 
-async def run_on_model(jobs: list[RoutedJob], model: LoadedModel, taken_at: datetime) -> list[Outcome]:
+async def run_on_model(
+    jobs: list[RoutedJob], model: LoadedModel, taken_at: datetime, on_delta: DeltaSink | None = None
+) -> list[Outcome]:
     """Run one model's share of the batch; halve it while it does not fit in memory."""
     inputs = [generation_input(job, model.config) for job in jobs]
     started = time.perf_counter()
     try:
-        outputs = await model.backend.agenerate(inputs)
+        outputs = await model.backend.agenerate(inputs, on_delta)
     except BatchTooLargeError as error:
         if len(jobs) == 1:
             return [JobFailure(jobs[0], error)]
         half = len(jobs) // 2
         logger.warning("batch of %d did not fit on %s; running it in halves", len(jobs), model.config.id)
-        return [*await run_on_model(jobs[:half], model, taken_at), *await run_on_model(jobs[half:], model, taken_at)]
+        first, second = jobs[:half], jobs[half:]
+        return [
+            *await run_on_model(first, model, taken_at, on_delta),
+            *await run_on_model(second, model, taken_at, on_delta),
+        ]
     except PermanentBackendError as error:
         return [backend_refused_result(job, taken_at, error) for job in jobs]
     except Exception as error:

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from services.worker.config import WorkerSettings
 from services.worker.execution import JobFailure, LoadedModel, Outcome, exhausted_result, run_batch
 from services.worker.metrics import WorkerMetrics
+from services.worker.streaming import StreamRelay
 from shared import topics
 from shared.cancellation import CancelledRequests
 from shared.kafka import FETCH_MAX_WAIT_MS, publish_dead_letter, publish_result
@@ -57,7 +58,9 @@ def register_handlers(
         """Run records and settle every outcome; on any failure rewind so nothing is lost."""
         try:
             jobs = await parse_jobs(broker, records)
-            outcomes = await run_batch([job for job, _ in jobs], models, cancelled)
+            relay = StreamRelay(broker, [job for job, _ in jobs])
+            outcomes = await run_batch([job for job, _ in jobs], models, cancelled, relay)
+            await relay.flush()  # every chunk before its result, on the same partition
             metrics.observe(pool, outcomes)
             await asyncio.gather(
                 *(settle(job, outcome, attempt) for (job, attempt), outcome in zip(jobs, outcomes, strict=True))

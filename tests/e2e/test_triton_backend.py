@@ -192,7 +192,10 @@ async def test_forged_control_tokens_are_refused(backend: TritonBackend) -> None
 async def test_plain_prompt_format_without_a_tokenizer(mlserver: MLServer) -> None:
     plain = await asyncio.to_thread(TritonBackend.load, mlserver.model_config())
     try:
-        assert plain.render_prompt([ChatMessage(role="user", content="hi")]) == "<|user|>\nhi\n<|assistant|>\n"
+        assert (
+            plain.render_prompt(GenerationInput("r", [ChatMessage(role="user", content="hi")], max_tokens=4))
+            == "<|user|>\nhi\n<|assistant|>\n"
+        )
         [output] = await plain.agenerate([chat("p", "hi", 4, temperature=0.0)])
     finally:
         await plain.aclose()

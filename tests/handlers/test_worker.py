@@ -15,6 +15,7 @@ from services.worker.backends.base import (
     Backend,
     BackendInfo,
     BatchTooLargeError,
+    DeltaSink,
     GenerationInput,
     GenerationOutput,
     TransientBackendError,
@@ -108,7 +109,9 @@ class FlakyBackend:
         self.max_fit = max_fit
         self.batch_sizes: list[int] = []
 
-    async def agenerate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
+    async def agenerate(
+        self, batch: list[GenerationInput], on_delta: DeltaSink | None = None
+    ) -> list[GenerationOutput]:
         self.batch_sizes.append(len(batch))
         if self.max_fit is not None and len(batch) > self.max_fit:
             raise BatchTooLargeError(f"{len(batch)} > {self.max_fit}")

@@ -358,3 +358,27 @@ async def test_a_stop_string_is_never_streamed(backend: TorchBackend) -> None:
 async def test_a_prompt_too_long_to_stream_is_refused(backend: TorchBackend) -> None:
     with pytest.raises(PermanentBackendError, match="prompt too long"):
         await stream_text(backend, ask("x", LONG_PROMPT * 4, max_tokens=16))
+
+
+async def test_streamed_rows_of_a_batch_each_join_to_their_own_text(backend: TorchBackend) -> None:
+    batch = [
+        ask("a", "Tell me about the lighthouse", max_tokens=20, stream=True),
+        ask("b", "Hello", max_tokens=5),
+        ask("c", "Why is the sea salty?", max_tokens=12, stream=True),
+    ]
+    deltas: dict[str, list[str]] = {}
+    outputs = await backend.agenerate(batch, lambda request_id, delta: deltas.setdefault(request_id, []).append(delta))
+    assert set(deltas) == {"a", "c"}  # the unstreamed request sends nothing
+    for output in (outputs[0], outputs[2]):
+        assert "".join(deltas[output.request_id]) == output.text
+    assert len(deltas["a"]) >= 2, deltas  # it streamed while the batch ran, not once at the end
+    assert [output.text for output in outputs] == [output.text for output in backend.generate(batch)]
+
+
+def test_a_text_prompt_is_continued_without_the_chat_template(backend: TorchBackend) -> None:
+    prompt = "Once upon a time"
+    as_text = ask("t", prompt, max_tokens=4, prompt_format="text")
+    as_chat = ask("c", prompt, max_tokens=4)
+    assert backend.encode_prompt(as_text) == backend.tokenizer(prompt)["input_ids"]
+    assert len(backend.encode_prompt(as_chat)) > len(backend.encode_prompt(as_text))  # the template adds turns
+    assert backend.generate([as_text])[0].prompt_tokens == len(backend.encode_prompt(as_text))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -31,6 +32,12 @@ class GenerationInput:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    stream: bool = False  # the caller wants the text as it is generated
+    prompt_format: Literal["chat", "text"] = "chat"  # text: one raw prompt, no chat template
+
+
+DeltaSink = Callable[[str, str], None]
+"""Called with (request_id, text generated since the last call) for each streamed request of a batch."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +70,14 @@ class Backend(Protocol):
 
     model_id: str
 
-    async def agenerate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
+    async def agenerate(
+        self, batch: list[GenerationInput], on_delta: DeltaSink | None = None
+    ) -> list[GenerationOutput]:
         """Run one batch without blocking the event loop. Output order = input order.
+
+        Requests with `stream` set have their text handed to `on_delta` as it is generated, when the
+        engine can stream (the final output still holds the whole text); engines that cannot stream
+        ignore it, and their callers get the text in one piece with the result.
 
         Per-request problems are error outputs; whole-batch failures raise TransientBackendError
         (retried), BatchTooLargeError (split) or PermanentBackendError (answered with an error).

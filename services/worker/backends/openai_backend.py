@@ -1,9 +1,10 @@
 """The OpenAI backend: a pool that fronts any OpenAI-compatible server (vLLM, TGI, SGLang, a hosted
 API, or another Open-AutoGLM gateway).
 
-How a batch runs: every request becomes its own `POST {endpoint}/chat/completions`, all sent at once
-over one pooled HTTP client with as many connections as the pool's `max_batch_size`. Batching happens
-upstream (vLLM, TGI and SGLang batch continuously), so the worker's batch only sets the concurrency.
+How a batch runs: every request becomes its own `POST {endpoint}/chat/completions` (`/completions` for
+a text prompt; streamed when its caller streams), all sent at once over one pooled HTTP client with as
+many connections as the pool's `max_batch_size`. Batching happens upstream (vLLM, TGI and SGLang batch
+continuously), so the worker's batch only sets the concurrency.
 
 What goes wrong, per request or per batch:
 - HTTP 400, 404, 413 or 422 means the server refused that request (an unknown upstream model, a prompt
@@ -33,6 +34,7 @@ import httpx
 
 from services.worker.backends.base import (
     BackendInfo,
+    DeltaSink,
     GenerationInput,
     GenerationOutput,
     PermanentBackendError,
@@ -105,12 +107,19 @@ class OpenAIBackend:
 
     # --------------------------------------------------------------- generation
 
-    async def agenerate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
+    async def agenerate(
+        self, batch: list[GenerationInput], on_delta: DeltaSink | None = None
+    ) -> list[GenerationOutput]:
         """One concurrent call per request; output order = input order (see the module docstring for errors)."""
         self._require_open()
         if not batch:
             return []
-        calls = [asyncio.create_task(self._complete(request)) for request in batch]
+        calls = [
+            asyncio.create_task(
+                self._complete_streaming(request, on_delta) if on_delta and request.stream else self._complete(request)
+            )
+            for request in batch
+        ]
         try:
             await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
         finally:
@@ -127,7 +136,7 @@ class OpenAIBackend:
         """One chat completion: an output (maybe an error output), or TransientBackendError."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                response = await self.client.post("chat/completions", json=self.request_body(request))
+                response = await self.client.post(api_path(request), json=self.request_body(request))
         except (TimeoutError, httpx.TimeoutException) as error:
             raise TransientBackendError(f"no answer from {self.where} within {self.timeout_s:g} s") from error
         except httpx.RequestError as error:
@@ -145,11 +154,38 @@ class OpenAIBackend:
                 f"{self.where} answered HTTP {response.status_code} with no readable completion: {error!r}"
             ) from error
 
+    async def _complete_streaming(self, request: GenerationInput, on_delta: DeltaSink) -> GenerationOutput:
+        """One streamed completion: each delta goes to `on_delta` as it arrives; the output holds them all."""
+        pieces: list[str] = []
+        usage: dict[str, Any] = {}
+        finish_reason = None
+        try:
+            async for chunk in self._stream_chunks(request):
+                if text := chunk_text(chunk):
+                    pieces.append(text)
+                    on_delta(request.request_id, text)
+                usage = chunk.get("usage") or usage
+                finish_reason = chunk_finish_reason(chunk) or finish_reason
+        except PermanentBackendError as error:
+            return refused_output(request, str(error))
+        return GenerationOutput(
+            request_id=request.request_id,
+            text="".join(pieces),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            finish_reason="length" if finish_reason == "length" else "stop",
+        )
+
     def request_body(self, request: GenerationInput) -> dict[str, Any]:
-        """The chat completion request; optional fields only when set (some servers refuse nulls)."""
+        """The completion request; optional fields only when set (some servers refuse nulls)."""
+        prompt: dict[str, Any] = (
+            {"prompt": request.messages[0].content}
+            if request.prompt_format == "text"
+            else {"messages": [{"role": message.role, "content": message.content} for message in request.messages]}
+        )
         body: dict[str, Any] = {
             "model": self.upstream_model,
-            "messages": [{"role": message.role, "content": message.content} for message in request.messages],
+            **prompt,
             # `max_tokens` rather than `max_completion_tokens`: every compatible server reads it.
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
@@ -166,23 +202,27 @@ class OpenAIBackend:
     async def astream(self, request: GenerationInput) -> AsyncIterator[str]:
         """The answer's text deltas as the upstream streams them (`stream: true`, server-sent events).
 
-        Not wired into the worker yet (the worker does not stream; a later issue). A refusal (400, 404,
-        413, 422) raises PermanentBackendError, any other failure TransientBackendError; a failure after
-        the first delta leaves what was yielded in the caller's hands. `timeout_s` bounds each wait for
-        the next chunk here, not the whole stream.
+        A refusal (400, 404, 413, 422) raises PermanentBackendError, any other failure
+        TransientBackendError; a failure after the first delta leaves what was yielded in the caller's
+        hands. `timeout_s` bounds each wait for the next chunk here, not the whole stream.
         """
+        async for chunk in self._stream_chunks(request):
+            if text := chunk_text(chunk):
+                yield text
+
+    async def _stream_chunks(self, request: GenerationInput) -> AsyncIterator[dict[str, Any]]:
+        """The parsed chunks of a streamed completion, up to `[DONE]`; failures as `astream` says."""
         self._require_open()
-        body = {**self.request_body(request), "stream": True}
+        body = {**self.request_body(request), "stream": True, "stream_options": {"include_usage": True}}
         try:
-            async with self.client.stream("POST", "chat/completions", json=body) as response:
+            async with self.client.stream("POST", api_path(request), json=body) as response:
                 if not response.is_success:
                     await response.aread()
                     raise stream_refusal(self.where, response)
                 async for data in sse_data(response.aiter_lines()):
                     if data.strip() == "[DONE]":
                         return
-                    if delta := delta_text(data):
-                        yield delta
+                    yield parse_chunk(data)
         except httpx.TimeoutException as error:
             raise TransientBackendError(f"{self.where} stopped streaming for {self.timeout_s:g} s") from error
         except httpx.RequestError as error:
@@ -266,12 +306,12 @@ def refused_output(request: GenerationInput, message: str) -> GenerationOutput:
 
 
 def completion_output(request: GenerationInput, body: Any) -> GenerationOutput:
-    """A chat completion body as an output; servers that omit usage count as 0 tokens."""
+    """A (chat) completion body as an output; servers that omit usage count as 0 tokens."""
     choice = body["choices"][0]
     usage = body.get("usage") or {}
     return GenerationOutput(
         request_id=request.request_id,
-        text=choice["message"].get("content") or "",
+        text=(choice["message"].get("content") if "message" in choice else choice["text"]) or "",
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
         # "length" is the only reason that means cut short; stop, eos, tool_calls, content_filter end the turn.
@@ -320,8 +360,13 @@ async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
         yield "\n".join(data)
 
 
-def delta_text(data: str) -> str:
-    """The text of one streamed chunk ("" for role-only or final chunks); an error event raises."""
+def api_path(request: GenerationInput) -> str:
+    """The upstream route: chat completions, or plain completions for a text prompt."""
+    return "completions" if request.prompt_format == "text" else "chat/completions"
+
+
+def parse_chunk(data: str) -> dict[str, Any]:
+    """One streamed chunk as JSON; an unreadable chunk or an error event raises TransientBackendError."""
     try:
         chunk = json.loads(data)
     except ValueError as error:
@@ -332,8 +377,21 @@ def delta_text(data: str) -> str:
         problem = chunk["error"]
         message = problem.get("message") if isinstance(problem, dict) else problem
         raise TransientBackendError(f"the stream broke off: {message}")
+    return chunk
+
+
+def first_choice(chunk: dict[str, Any]) -> dict[str, Any]:
     choices = chunk.get("choices") or []
-    if not choices:
-        return ""  # e.g. the usage-only chunk at the end
-    content = (choices[0].get("delta") or {}).get("content")
+    return choices[0] if choices and isinstance(choices[0], dict) else {}  # none: e.g. the usage-only chunk
+
+
+def chunk_text(chunk: dict[str, Any]) -> str:
+    """The text of one chunk: a chat delta's content or a text completion's text ("" for role-only chunks)."""
+    choice = first_choice(chunk)
+    content = (choice.get("delta") or {}).get("content", choice.get("text"))
     return content if isinstance(content, str) else ""
+
+
+def chunk_finish_reason(chunk: dict[str, Any]) -> str | None:
+    reason = first_choice(chunk).get("finish_reason")
+    return reason if isinstance(reason, str) else None

@@ -50,7 +50,13 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from services.worker.backends.base import BackendInfo, BatchTooLargeError, GenerationInput, GenerationOutput
+from services.worker.backends.base import (
+    BackendInfo,
+    BatchTooLargeError,
+    DeltaSink,
+    GenerationInput,
+    GenerationOutput,
+)
 from services.worker.backends.decoding import LogitsEngine, decode_batch, load_chat_tokenizer
 from services.worker.backends.torch_backend import encode_request
 from services.worker.onnx_export import (
@@ -515,8 +521,13 @@ class TensorRTBackend:
 
     # --------------------------------------------------------------- generation
 
-    async def agenerate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
-        """`generate` in a thread, so the event loop keeps serving Kafka; OOM becomes BatchTooLargeError."""
+    async def agenerate(
+        self, batch: list[GenerationInput], on_delta: DeltaSink | None = None
+    ) -> list[GenerationOutput]:
+        """`generate` in a thread, so the event loop keeps serving Kafka; OOM becomes BatchTooLargeError.
+
+        Not streamed yet: each answer comes whole (`on_delta` is unused), and a streaming caller gets it in one piece.
+        """
         try:
             return await asyncio.to_thread(self.generate, batch)
         except torch.OutOfMemoryError as error:

@@ -20,9 +20,9 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,6 +44,7 @@ from transformers.utils import logging as transformers_logging
 from services.worker.backends.base import (
     BackendInfo,
     BatchTooLargeError,
+    DeltaSink,
     GenerationInput,
     GenerationOutput,
     PermanentBackendError,
@@ -165,25 +166,65 @@ class PerRowStoppingCriteria(StoppingCriteria):
         return first_stop_position(tail, self.stops[row]) is not None
 
 
-class TokenQueue(BaseStreamer):
-    """Hands the tokens transformers generates in a thread to an asyncio reader, as they come."""
+class StepStreamer(BaseStreamer):
+    """Hands each decoding step of one `generate()` call (a token per row) from its thread to the event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, steps: StepQueue, rows: list[int]) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        self.steps = steps
+        self.rows = rows  # batch index of each row of this call
         self._prompt_skipped = False
-        self._ended = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_skipped:  # generate() first hands over the prompt itself
             self._prompt_skipped = True
             return
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, value.view(-1).tolist())
+        self.loop.call_soon_threadsafe(self.steps.put_nowait, (self.rows, value.view(-1).tolist()))
 
     def end(self) -> None:
-        if not self._ended:
-            self._ended = True
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+        """Nothing to do: the end of the whole batch is signalled once, after its last call."""
+
+
+StepQueue = asyncio.Queue[tuple[list[int], list[int]] | None]
+
+
+class VisibleText:
+    """One streamed row's answer, released as it grows: never part of a stop string, never half a character."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_token_ids: set[int], request: GenerationInput) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_tokens = request.max_tokens
+        self.stops = effective_stops(request)
+        # Text that could still turn out to be the start of a stop string is held back until it cannot.
+        self.holdback = max((len(stop) for stop in self.stops), default=1) - 1
+        self.tokens: list[int] = []
+        self.shown = ""
+
+    def add(self, token: int) -> str:
+        """Take the row's next token; the text it makes safe to show ("" when none yet)."""
+        if len(self.tokens) >= self.max_tokens:
+            return ""  # a finished row keeps getting pad tokens while the others run
+        self.tokens.append(token)
+        text = decode_text(self.tokenizer, cut_at_eos(self.tokens, self.eos_token_ids)[0])
+        if text.endswith("\ufffd"):
+            return ""  # a multi-byte character split across tokens: wait for the rest
+        cut = first_stop_position(text, self.stops)
+        visible = text[:cut] if cut is not None else text[: len(text) - self.holdback]
+        return self._show(visible)
+
+    def finish(self, final_text: str) -> str:
+        """What of the final text was not shown yet."""
+        if not final_text.startswith(self.shown):
+            logger.warning("streamed text diverged from the final text; the result holds the final one")
+            return ""
+        return self._show(final_text)
+
+    def _show(self, visible: str) -> str:
+        if len(visible) <= len(self.shown) or not visible.startswith(self.shown):
+            return ""
+        delta, self.shown = visible[len(self.shown) :], visible
+        return delta
 
 
 class TorchBackend:
@@ -249,12 +290,42 @@ class TorchBackend:
 
     # --------------------------------------------------------------- generation
 
-    async def agenerate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
-        """`generate` in a thread, so the event loop keeps serving Kafka; OOM becomes BatchTooLargeError."""
+    async def agenerate(
+        self, batch: list[GenerationInput], on_delta: DeltaSink | None = None
+    ) -> list[GenerationOutput]:
+        """`generate` in a thread, so the event loop keeps serving Kafka; OOM becomes BatchTooLargeError.
+
+        Streamed requests run in the same batch as the others: every decoding step's tokens come back
+        to the event loop, and each streamed row's new text goes to `on_delta`.
+        """
         try:
-            return await asyncio.to_thread(self.generate, batch)
+            if on_delta is None or not any(request.stream for request in batch):
+                return await asyncio.to_thread(self.generate, batch)
+            return await self._generate_streaming(batch, on_delta)
         except torch.OutOfMemoryError as error:
             raise BatchTooLargeError(f"batch of {len(batch)} did not fit on {self.device}") from error
+
+    async def _generate_streaming(self, batch: list[GenerationInput], on_delta: DeltaSink) -> list[GenerationOutput]:
+        loop = asyncio.get_running_loop()
+        steps: StepQueue = asyncio.Queue()
+
+        def run() -> list[GenerationOutput]:
+            try:
+                return self.generate(batch, lambda rows: StepStreamer(loop, steps, rows))
+            finally:
+                loop.call_soon_threadsafe(steps.put_nowait, None)  # also on failure, so the reader ends
+
+        finished = asyncio.ensure_future(asyncio.to_thread(run))
+        rows = {index: VisibleText(self.tokenizer, self.eos_token_ids, r) for index, r in enumerate(batch) if r.stream}
+        while (step := await steps.get()) is not None:
+            for index, token in zip(*step, strict=True):
+                if (row := rows.get(index)) is not None and (delta := row.add(token)):
+                    on_delta(batch[index].request_id, delta)
+        outputs = await finished
+        for index, row in rows.items():
+            if outputs[index].error is None and (rest := row.finish(outputs[index].text)):
+                on_delta(batch[index].request_id, rest)
+        return outputs
 
     def info(self) -> BackendInfo:
         """Registry metadata: transformers on this device, at the precision it loaded with."""
@@ -264,51 +335,31 @@ class TorchBackend:
     async def astream(self, request: GenerationInput) -> AsyncIterator[str]:
         """One request's text as it is generated; the pieces join to exactly what `generate` returns.
 
-        Text that could still turn out to be the start of a stop string is held back until it cannot.
-        A prompt that cannot run raises PermanentBackendError. Not wired into the worker yet: the
-        stream's way through Kafka to the gateway is the gateway issue's.
+        A prompt that cannot run raises PermanentBackendError.
         """
         encoded = self._encode(0, request)
         if isinstance(encoded, GenerationOutput):
             raise PermanentBackendError(encoded.error or "the request cannot run")
-        streamer = TokenQueue(asyncio.get_running_loop())
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
 
-        def run() -> GenerationOutput:
-            with self._lock, torch.inference_mode():
-                try:
-                    return self._generate_group([encoded], streamer)[0]
-                finally:
-                    streamer.end()  # also when generate() raised, so the reader below never hangs
+        async def run() -> None:
+            try:
+                await self.agenerate([replace(request, stream=True)], lambda _, delta: pieces.put_nowait(delta))
+            finally:
+                pieces.put_nowait(None)
 
-        finished = asyncio.ensure_future(asyncio.to_thread(run))
-        emitted = ""
-        async for text in self._visible_text(streamer, effective_stops(request)):
-            yield text[len(emitted) :]
-            emitted = text
-        final = (await finished).text
-        if not final.startswith(emitted):
-            logger.warning("streamed text of %s diverged from its final text", request.request_id)
-        elif final != emitted:
-            yield final[len(emitted) :]
+        finished = asyncio.ensure_future(run())
+        while (piece := await pieces.get()) is not None:
+            yield piece
+        await finished
 
-    async def _visible_text(self, streamer: TokenQueue, stops: list[str]) -> AsyncIterator[str]:
-        """The growing answer text, safe to show: up to a stop string, never half a character."""
-        holdback = max((len(stop) for stop in stops), default=1) - 1
-        tokens: list[int] = []
-        shown = 0
-        while (ids := await streamer.queue.get()) is not None:
-            tokens.extend(ids)
-            text = decode_text(self.tokenizer, cut_at_eos(tokens, self.eos_token_ids)[0])
-            if text.endswith("\ufffd"):
-                continue  # a multi-byte character split across tokens: wait for the rest
-            cut = first_stop_position(text, stops)
-            visible = text[:cut] if cut is not None else text[: len(text) - holdback]
-            if len(visible) > shown:
-                shown = len(visible)
-                yield visible
+    def generate(
+        self, batch: list[GenerationInput], streamer_for: Callable[[list[int]], BaseStreamer] | None = None
+    ) -> list[GenerationOutput]:
+        """Run one batch; output order = input order. Bad requests get an error output of their own.
 
-    def generate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
-        """Run one batch; output order = input order. Bad requests get an error output of their own."""
+        `streamer_for(rows)` gives the streamer of each `generate()` call, told the batch index of its rows.
+        """
         self.require_model()
         with self._lock, torch.inference_mode():
             outputs: dict[int, GenerationOutput] = {}
@@ -320,7 +371,8 @@ class TorchBackend:
                 else:
                     runnable.append(encoded_or_error)
             for group in group_by_sampling(runnable):
-                for item, output in zip(group, self._generate_group(group), strict=True):
+                streamer = streamer_for([item.index for item in group]) if streamer_for else None
+                for item, output in zip(group, self._generate_group(group, streamer), strict=True):
                     outputs[item.index] = output
             return [outputs[index] for index in range(len(batch))]
 
@@ -422,7 +474,12 @@ def eos_token_ids_of(generation_config: GenerationConfig, tokenizer: PreTrainedT
 
 
 def encode_chat_prompt(tokenizer: PreTrainedTokenizerBase, request: GenerationInput) -> list[int]:
-    """The prompt's token ids: the messages through the chat template, ready for the assistant's turn."""
+    """The prompt's token ids: the messages through the chat template, ready for the assistant's turn.
+
+    A `text` prompt (`/v1/completions`) is the one message's content as it is: the model continues it.
+    """
+    if request.prompt_format == "text":
+        return cast(list[int], tokenizer(request.messages[0].content)["input_ids"])
     conversation = [{"role": message.role, "content": message.content} for message in request.messages]
     # sanitize_control_tokens: special tokens typed by the user are encoded as text, not as control
     # tokens, so user content cannot open a fake system or assistant turn.

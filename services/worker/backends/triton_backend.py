@@ -41,6 +41,7 @@ from tritonclient.utils import InferenceServerException
 
 from services.worker.backends.base import (
     BackendInfo,
+    DeltaSink,
     GenerationInput,
     GenerationOutput,
     TransientBackendError,
@@ -165,9 +166,11 @@ class TritonBackend:
 
     # --------------------------------------------------------------- prompts
 
-    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        """The raw prompt Triton gets (see the module docstring for the two formats)."""
-        conversation = [{"role": message.role, "content": message.content} for message in messages]
+    def render_prompt(self, request: GenerationInput) -> str:
+        """The raw prompt Triton gets (see the module docstring for the two formats); a text prompt as it is."""
+        if request.prompt_format == "text":
+            return request.messages[0].content
+        conversation = [{"role": message.role, "content": message.content} for message in request.messages]
         if self.tokenizer is None:
             return "".join(f"<|{turn['role']}|>\n{turn['content']}\n" for turn in conversation) + "<|assistant|>\n"
         return cast(str, self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
@@ -182,15 +185,20 @@ class TritonBackend:
 
     # ------------------------------------------------------------ generation
 
-    async def agenerate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
-        """Split the batch into calls of the model's size, send them at once; output order = input order."""
+    async def agenerate(
+        self, batch: list[GenerationInput], on_delta: DeltaSink | None = None
+    ) -> list[GenerationOutput]:
+        """Split the batch into calls of the model's size, send them at once; output order = input order.
+
+        Not streamed: each answer comes whole (`on_delta` is unused), and a streaming caller gets it in one piece.
+        """
         outputs: dict[int, GenerationOutput] = {}
         runnable: list[tuple[int, GenerationInput, str]] = []
         for index, request in enumerate(batch):
             if token := self.forged_control_token(request.messages):
                 outputs[index] = error_output(request, f"a message contains the control token {token!r}")
             else:
-                runnable.append((index, request, self.render_prompt(request.messages)))
+                runnable.append((index, request, self.render_prompt(request)))
         size = self.signature.call_size
         parts = [runnable[start : start + size] for start in range(0, len(runnable), size)]
         for part, results in zip(parts, await asyncio.gather(*(self._run_part(part) for part in parts)), strict=True):
@@ -239,7 +247,7 @@ class TritonBackend:
         if token := self.forged_control_token(request.messages):
             yield StreamChunk("", error_output(request, f"a message contains the control token {token!r}"))
             return
-        prompt = self.render_prompt(request.messages)
+        prompt = self.render_prompt(request)
         inputs = self._input_tensors([request], [prompt], stream=True)
         outputs = [grpcclient.InferRequestedOutput(name) for name in self._wanted_outputs()]
 
