@@ -2,7 +2,8 @@
 
 Each instance reads the whole control topic from the moment it starts (no consumer group, so
 every instance sees every cancellation) and remembers ids for `remember_s`; a request is skipped
-if it reaches an instance after its cancellation did. A request already running is not stopped.
+if it reaches an instance after its cancellation did. A request already running on an engine that
+decodes step by step (torch) stops at its next token; others finish, and their answer is dropped.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class CancelledRequests:
         if until is None:
             return False
         if until < self.clock():
-            del self._until[request_id]  # type: ignore[arg-type]
+            self._until.pop(request_id, None)  # type: ignore[call-overload]  # also read from engine threads
             return False
         return True
 

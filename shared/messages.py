@@ -260,7 +260,5 @@ def reply_kind(value: Any) -> str:
     return "chunk" if isinstance(value, ChatChunk) else "result"
 
 
-Reply = Annotated[
-    Annotated[ChatResult, Tag("result")] | Annotated[ChatChunk, Tag("chunk")], Discriminator(reply_kind)
-]
+Reply = Annotated[Annotated[ChatResult, Tag("result")] | Annotated[ChatChunk, Tag("chunk")], Discriminator(reply_kind)]
 """What a gateway reads from its reply partition: `ChatChunk`s of streamed requests, then `ChatResult`s."""

@@ -37,7 +37,7 @@ def elapsed_ms(since: datetime, until: datetime) -> float:
     return (until - since).total_seconds() * 1000.0
 
 
-def generation_input(job: RoutedJob, config: ModelConfig) -> GenerationInput:
+def generation_input(job: RoutedJob, config: ModelConfig, cancelled: Container[str] = ()) -> GenerationInput:
     """What the model needs from a job; max_tokens defaults to the model's configured value."""
     request = job.request
     return GenerationInput(
@@ -50,6 +50,7 @@ def generation_input(job: RoutedJob, config: ModelConfig) -> GenerationInput:
         seed=request.seed,
         stream=wants_stream(job),
         prompt_format=request.prompt_format,
+        is_cancelled=lambda: job.request_id in cancelled,
     )
 
 
@@ -153,16 +154,25 @@ async def run_batch(
         else:
             by_model[job.model].append(job)
     for model_id, group in by_model.items():
-        for job, outcome in zip(group, await run_on_model(group, models[model_id], taken_at, on_delta), strict=True):
+        for job, outcome in zip(
+            group, await run_on_model(group, models[model_id], taken_at, on_delta, cancelled), strict=True
+        ):
             outcomes[job.request_id] = outcome
     return [outcomes[job.request_id] for job in jobs]
 
 
 async def run_on_model(
-    jobs: list[RoutedJob], model: LoadedModel, taken_at: datetime, on_delta: DeltaSink | None = None
+    jobs: list[RoutedJob],
+    model: LoadedModel,
+    taken_at: datetime,
+    on_delta: DeltaSink | None = None,
+    cancelled: Container[str] = (),
 ) -> list[Outcome]:
-    """Run one model's share of the batch; halve it while it does not fit in memory."""
-    inputs = [generation_input(job, model.config) for job in jobs]
+    """Run one model's share of the batch; halve it while it does not fit in memory.
+
+    A job cancelled while it ran is answered `cancelled`, whatever it produced.
+    """
+    inputs = [generation_input(job, model.config, cancelled) for job in jobs]
     started = time.perf_counter()
     try:
         outputs = await model.backend.agenerate(inputs, on_delta)
@@ -173,8 +183,8 @@ async def run_on_model(
         logger.warning("batch of %d did not fit on %s; running it in halves", len(jobs), model.config.id)
         first, second = jobs[:half], jobs[half:]
         return [
-            *await run_on_model(first, model, taken_at, on_delta),
-            *await run_on_model(second, model, taken_at, on_delta),
+            *await run_on_model(first, model, taken_at, on_delta, cancelled),
+            *await run_on_model(second, model, taken_at, on_delta, cancelled),
         ]
     except PermanentBackendError as error:
         return [backend_refused_result(job, taken_at, error) for job in jobs]
@@ -184,7 +194,9 @@ async def run_on_model(
     inference_ms = (time.perf_counter() - started) * 1000.0
     logger.info("ran a batch of %d on %s in %.1f ms", len(jobs), model.config.id, inference_ms)
     return [
-        answered_result(job, output, taken_at, inference_ms, len(jobs))
+        cancelled_result(job, taken_at)
+        if job.request_id in cancelled
+        else answered_result(job, output, taken_at, inference_ms, len(jobs))
         for job, output in zip(jobs, outputs, strict=True)
     ]
 

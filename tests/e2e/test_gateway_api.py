@@ -183,3 +183,19 @@ async def test_two_gateways_each_get_exactly_their_own_replies(stack: Stack, sec
     # Neither read a reply meant for the other (each reads only its own partition).
     assert [metric(url, UNCLAIMED) for url in gateways] == unclaimed_before
     assert all(metric(url, DELIVERED) >= before + 12 for url, before in zip(gateways, delivered_before, strict=True))
+
+
+def test_cancelling_a_running_stream_stops_it(client: openai.OpenAI, stack: Stack) -> None:
+    stream = client.chat.completions.create(
+        model="tiny-heavy", messages=[{"role": "user", "content": "go on"}], max_tokens=900, temperature=0.9,
+        stream=True,
+    )  # fmt: skip
+    received = ""
+    with pytest.raises(openai.APIError, match="cancelled"):
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content and not received:
+                received = chunk.choices[0].delta.content
+                response = httpx.post(f"{stack.gateway_url}/v1/requests/{chunk.id}/cancel")
+                assert response.status_code == 202, response.text
+    stored = asyncio.run(fetch_row(stack, "results", chunk.id))
+    assert stored["error_code"] == "request_cancelled"

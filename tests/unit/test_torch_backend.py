@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -382,3 +383,12 @@ def test_a_text_prompt_is_continued_without_the_chat_template(backend: TorchBack
     assert backend.encode_prompt(as_text) == backend.tokenizer(prompt)["input_ids"]
     assert len(backend.encode_prompt(as_chat)) > len(backend.encode_prompt(as_text))  # the template adds turns
     assert backend.generate([as_text])[0].prompt_tokens == len(backend.encode_prompt(as_text))
+
+
+def test_a_cancelled_row_stops_at_its_next_token_while_the_others_run(backend: TorchBackend) -> None:
+    checks = itertools.count()
+    cancelled = ask("x", "Tell me about the lighthouse", max_tokens=30, is_cancelled=lambda: next(checks) >= 3)
+    other = ask("y", "Tell me about the lighthouse", max_tokens=30)
+    stopped, finished = backend.generate([cancelled, other])
+    assert stopped.completion_tokens <= 4 < finished.completion_tokens
+    assert finished.text == backend.generate([other])[0].text

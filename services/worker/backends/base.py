@@ -34,6 +34,8 @@ class GenerationInput:
     seed: int | None = None
     stream: bool = False  # the caller wants the text as it is generated
     prompt_format: Literal["chat", "text"] = "chat"  # text: one raw prompt, no chat template
+    # True once the request is cancelled; engines that decode step by step stop its row early.
+    is_cancelled: Callable[[], bool] = field(default=lambda: False, compare=False, repr=False)
 
 
 DeltaSink = Callable[[str, str], None]

@@ -134,8 +134,9 @@ def first_stop_position(text: str, stops: Sequence[str]) -> int | None:
 
 
 class PerRowStoppingCriteria(StoppingCriteria):
-    """Ends each row at its own `max_tokens` or stop string: a finished row is padded from then on, and the
-    whole call returns as soon as every row is done instead of running to the group's largest max_tokens.
+    """Ends each row at its own `max_tokens` or stop string, or when its request is cancelled: a finished row
+    is padded from then on, and the whole call returns as soon as every row is done instead of running to
+    the group's largest max_tokens.
 
     Stop strings are searched in the decoded tail only (enough tokens to hold the longest stop string);
     this is an early exit, not the final word: outputs are cut exactly after generation.
@@ -146,10 +147,16 @@ class PerRowStoppingCriteria(StoppingCriteria):
     ) -> None:
         self.tokenizer = tokenizer
         self.prompt_width = prompt_width
+        self.requests = requests
         self.max_tokens = [request.max_tokens for request in requests]
         self.stops = [effective_stops(request) for request in requests]
         # Each token holds at least one byte (or character), so this many tokens cover any stop string.
         self.tail_tokens = [max((len(s.encode()) for s in stops), default=0) + 2 for stops in self.stops]
+        self.cancelled_at: dict[int, int] = {}  # row -> tokens it had when its request was cancelled
+
+    def kept_tokens(self, generated: int) -> list[int]:
+        """How many generated tokens each row keeps: a cancelled row only what it had (then it got pads)."""
+        return [self.cancelled_at.get(row, generated) for row in range(len(self.requests))]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         generated = input_ids[:, self.prompt_width :]
@@ -158,7 +165,10 @@ class PerRowStoppingCriteria(StoppingCriteria):
 
     def row_done(self, row: int, generated: torch.Tensor) -> bool:
         """Whether row `row` (of the requests given at construction) is done after its `generated` tokens."""
-        if generated.shape[0] >= self.max_tokens[row]:
+        if row in self.cancelled_at or generated.shape[0] >= self.max_tokens[row]:
+            return True
+        if self.requests[row].is_cancelled():
+            self.cancelled_at[row] = generated.shape[0]
             return True
         if not self.stops[row]:
             return False
@@ -396,7 +406,8 @@ class TorchBackend:
             return_tensors="pt",
         ).to(self.device)
         prompt_width = padded["input_ids"].shape[1]
-        stopping = StoppingCriteriaList([PerRowStoppingCriteria(self.tokenizer, prompt_width, requests)])
+        per_row = PerRowStoppingCriteria(self.tokenizer, prompt_width, requests)
+        stopping = StoppingCriteriaList([per_row])
         with self._seeded(requests[0].seed if requests[0].temperature > 0 else None):  # seeded groups hold one
             sequences = generate_tokens(
                 self.require_model(),
@@ -407,8 +418,8 @@ class TorchBackend:
             )
         new_tokens = sequences[:, prompt_width:].tolist()
         return [
-            finish_output(self.tokenizer, self.eos_token_ids, item.request, len(item.prompt_ids), tokens)
-            for item, tokens in zip(group, new_tokens, strict=True)
+            finish_output(self.tokenizer, self.eos_token_ids, item.request, len(item.prompt_ids), tokens[:kept])
+            for item, tokens, kept in zip(group, new_tokens, per_row.kept_tokens(len(new_tokens[0])), strict=True)
         ]
 
     def _generation_config(self, requests: Sequence[GenerationInput]) -> GenerationConfig:
