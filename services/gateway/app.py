@@ -15,10 +15,12 @@ from services.gateway.api import router
 from services.gateway.config import GatewaySettings
 from services.gateway.errors import install_error_handlers
 from services.gateway.handlers import register_handlers
+from services.gateway.idempotency import IdempotentCompletions
 from services.gateway.observability import install_http_observability
 from services.gateway.replies import ReplyWaiters
 from services.gateway.serving import ChatService
 from shared import topics
+from shared.db import make_engine
 from shared.kafka import ensure_topics, make_broker
 from shared.registry import RegistryView
 from shared.service import setup_tracing
@@ -56,6 +58,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     waiters = ReplyWaiters()
     chat = ChatService(broker, settings, waiters)
     readiness = Readiness(chat, settings.gateway.readiness_ttl_s)
+    engine = make_engine(settings.database_url)  # reads the exporter's tables: request status, idempotency
 
     registry_view = RegistryView()  # `registry` is the metrics registry
 
@@ -76,11 +79,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             yield
         finally:
             await broker.stop()
+            await engine.dispose()
 
     app = FastAPI(title="Open-AutoGLM gateway", version="0.1.0", lifespan=lifespan)
     app.state.chat = chat
     app.state.broker = broker
     app.state.registry = registry_view
+    app.state.engine = engine
+    app.state.idempotent = IdempotentCompletions(chat, engine)
     install_error_handlers(app)
     install_http_observability(app, registry)
     app.include_router(router)

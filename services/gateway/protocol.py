@@ -28,7 +28,7 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = Field(default=None, max_length=200)
     stream: Literal[False] = Field(default=False, description="Streaming is not supported yet.")
 
-    def to_chat_request(self, request_id: str, deadline: datetime, reply_to: ReplyRoute) -> ChatRequest:
+    def to_chat_request(self, request_id: str, deadline: datetime, reply_to: ReplyRoute | None) -> ChatRequest:
         """The bus message for this HTTP request."""
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         return ChatRequest(

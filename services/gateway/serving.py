@@ -44,12 +44,24 @@ class ChatService:
             return
         raise ApiError(404, f"The model '{model}' does not exist", "invalid_request_error", "model", "model_not_found")
 
+    def build_request(self, body: ChatCompletionRequest, request_id: str | None = None, *, wait: bool) -> ChatRequest:
+        """The bus message for `body`: with this gateway's reply route when it will `wait` for the answer."""
+        self.check_model(body.model)
+        options = self.settings.gateway
+        lifetime_s = options.request_timeout_s if wait else options.async_deadline_s
+        deadline = utcnow() + timedelta(seconds=lifetime_s)
+        return body.to_chat_request(request_id or new_request_id(), deadline, self.reply_to if wait else None)
+
     async def complete(self, body: ChatCompletionRequest) -> ChatResult:
         """Run a chat completion end to end and return its result (which may carry an error)."""
-        self.check_model(body.model)
-        timeout = self.settings.gateway.request_timeout_s
-        request = body.to_chat_request(new_request_id(), utcnow() + timedelta(seconds=timeout), self.reply_to)
-        return await self.round_trip(request, timeout)
+        request = self.build_request(body, wait=True)
+        return await self.round_trip(request, self.settings.gateway.request_timeout_s)
+
+    async def submit(self, request: ChatRequest) -> None:
+        """Async mode: publish without a reply route; the result is only stored (GET /v1/requests/{id})."""
+        with bound_request_id(request.request_id):
+            await self.publish(request)
+            logger.info("queued without waiting")
 
     async def round_trip(self, request: ChatRequest, wait_s: float) -> ChatResult:
         """Publish `request` and wait up to `wait_s` seconds for its result."""
