@@ -9,7 +9,7 @@ from faststream.specification import AsyncAPI
 from prometheus_client import CollectorRegistry
 
 from shared import topics
-from shared.messages import CancelRequest, ChatRequest, ChatResult, DeadLetter, ModelCard, RoutedJob
+from shared.messages import CancelRequest, ChatRequest, ChatResult, DeadLetter, Feedback, ModelCard, RoutedJob
 
 
 def build_asyncapi() -> dict[str, Any]:
@@ -48,6 +48,7 @@ def describe_topics(broker: KafkaBroker, pools: dict[str, Any]) -> None:
         topics.REPLIES: (ChatResult, "Results for waiting gateways; partition = gateway instance."),
         topics.DEADLETTER: (DeadLetter, "Messages that could not be processed, with the reason."),
         topics.CONTROL: (CancelRequest, "Cancellations, read by every router and worker."),
+        topics.FEEDBACK: (Feedback, "Clients' scores of completions, keyed by request id."),
         topics.REGISTRY: (ModelCard, "Live model cards (compacted; key instance_id/model_id; null = withdrawn)."),
         **{topics.jobs_topic(pool): (RoutedJob, f"Routed jobs for the {pool} pool.") for pool in pools},
         **{

@@ -74,6 +74,7 @@ def topic_partitions(settings: CommonSettings) -> dict[str, int]:
         topics.RESULTS: spec.results.partitions,
         topics.REPLIES: spec.replies.partitions,
         topics.DEADLETTER: spec.deadletter.partitions,
+        topics.FEEDBACK: spec.feedback.partitions,
     }
     for name, pool in settings.pools.items():
         wanted[topics.jobs_topic(name)] = pool.partitions

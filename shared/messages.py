@@ -165,6 +165,8 @@ class ChatResult(Envelope):
     created_at: datetime = Field(description="When the request was created.")
     completed_at: datetime = Field(default_factory=utcnow)
     probe: bool = False
+    attempts: int = Field(default=1, ge=1, description="Attempt of the worker that produced this result.")
+    reasons: list[str] = Field(default_factory=list, description="Why the router chose this pool.")
 
     @property
     def ok(self) -> bool:
@@ -262,3 +264,21 @@ def reply_kind(value: Any) -> str:
 
 Reply = Annotated[Annotated[ChatResult, Tag("result")] | Annotated[ChatChunk, Tag("chunk")], Discriminator(reply_kind)]
 """What a gateway reads from its reply partition: `ChatChunk`s of streamed requests, then `ChatResult`s."""
+
+
+def new_feedback_id() -> str:
+    """A fresh feedback id."""
+    return f"fb-{uuid.uuid4().hex}"
+
+
+class Feedback(Envelope):
+    """A client's judgement of a completion: topic `autoglm.feedback` (gateway -> exporter)."""
+
+    request_id: str = Field(  # type: ignore[assignment]  # required: feedback is always about a request
+        min_length=1, max_length=128, description="The completion being judged."
+    )
+    feedback_id: str = Field(default_factory=new_feedback_id, min_length=1, max_length=64)
+    score: float = Field(ge=-1.0, le=1.0, description="-1 is thumbs down, 1 thumbs up; anything between.")
+    comment: str | None = Field(default=None, max_length=2000)
+    caller: str | None = Field(default=None, description="Authenticated identity of whoever sent it.")
+    created_at: datetime = Field(default_factory=utcnow)

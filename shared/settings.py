@@ -116,6 +116,7 @@ class TopicsConfig(BaseModel):
         description="One partition per gateway instance: the most gateways that can run at once.",
     )
     deadletter: TopicSpec = TopicSpec(partitions=1)
+    feedback: TopicSpec = TopicSpec(partitions=1)
     replication_factor: int = Field(default=1, ge=1)
 
 

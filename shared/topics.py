@@ -33,3 +33,6 @@ def retry_topic(pool: str) -> str:
 
 CONTROL = "autoglm.control"
 """CancelRequest: read by every router and worker instance (no consumer group)."""
+
+FEEDBACK = "autoglm.feedback"
+"""Feedback: clients' scores of completions, keyed by request id: gateway -> exporter."""

@@ -1,9 +1,10 @@
-"""The exporter's subscribers: batches of requests and results, stored, then committed."""
+"""The exporter's subscribers: batches of requests, results and feedback, stored, then committed."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -16,19 +17,22 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.exporter.config import ExporterSettings
-from services.exporter.store import store_requests, store_results
+from services.exporter.store import store_feedback, store_requests, store_results
 from shared import topics
 from shared.kafka import FETCH_MAX_WAIT_MS, publish_dead_letter
-from shared.messages import ChatRequest, ChatResult
+from shared.messages import ChatRequest, ChatResult, Feedback
 
 logger = logging.getLogger(__name__)
 
 GROUP_PREFIX = "autoglm-exporter"
-MessageT = TypeVar("MessageT", ChatRequest, ChatResult)
+MessageT = TypeVar("MessageT", ChatRequest, ChatResult, Feedback)
+RecordStore = Callable[[AsyncEngine, list[tuple[ConsumerRecord, MessageT]]], Awaitable[int]]
+# W3C trace context: version-traceid-parentid-flags, as FastStream's telemetry middleware writes it.
+TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 def register_handlers(broker: KafkaBroker, settings: ExporterSettings, engine: AsyncEngine) -> None:
-    """Subscribe the exporter to the requests and results topics."""
+    """Subscribe the exporter to the requests, results and feedback topics."""
     options = settings.exporter
     backoff_s = settings.retries.backoff.initial_ms / 1000.0
 
@@ -45,13 +49,15 @@ def register_handlers(broker: KafkaBroker, settings: ExporterSettings, engine: A
             title=f"persist {topic}",
         )
 
-    async def persist(
-        message: KafkaMessage, model: type[MessageT], store: Callable[[AsyncEngine, list[MessageT]], Awaitable[int]]
-    ) -> None:
-        items = [(record, item) for record, item in parse_all(message.raw_message, model) if not item.probe]
+    async def persist(message: KafkaMessage, model: type[MessageT], store: RecordStore[MessageT]) -> None:
+        items = [
+            (record, item)
+            for record, item in parse_all(message.raw_message, model)
+            if not getattr(item, "probe", False)  # probes are not stored
+        ]
         try:
             try:
-                inserted = await store(engine, [item for _, item in items])
+                inserted = await store(engine, items)
             except Exception as error:
                 if not is_unstorable(error):
                     raise
@@ -66,13 +72,13 @@ def register_handlers(broker: KafkaBroker, settings: ExporterSettings, engine: A
         logger.debug("stored %d new %s rows of %d", inserted, model.__name__, len(items))
 
     async def store_each_or_dead_letter(
-        items: list[tuple[ConsumerRecord, MessageT]], store: Callable[[AsyncEngine, list[MessageT]], Awaitable[int]]
+        items: list[tuple[ConsumerRecord, MessageT]], store: RecordStore[MessageT]
     ) -> int:
         """Store rows one at a time; a row the database refuses goes to the dead-letter topic."""
         inserted = 0
         for record, item in items:
             try:
-                inserted += await store(engine, [item])
+                inserted += await store(engine, [(record, item)])
             except Exception as error:
                 if not is_unstorable(error):
                     raise
@@ -84,13 +90,41 @@ def register_handlers(broker: KafkaBroker, settings: ExporterSettings, engine: A
 
     @batch_subscriber(topics.REQUESTS)
     async def persist_requests(message: KafkaMessage) -> None:
-        """Store chat requests."""
-        await persist(message, ChatRequest, store_requests)
+        """Store chat requests with the trace each was published in."""
+        await persist(message, ChatRequest, store_request_records)
 
     @batch_subscriber(topics.RESULTS)
     async def persist_results(message: KafkaMessage) -> None:
         """Store chat results."""
-        await persist(message, ChatResult, store_results)
+        await persist(message, ChatResult, store_result_records)
+
+    @batch_subscriber(topics.FEEDBACK)
+    async def persist_feedback(message: KafkaMessage) -> None:
+        """Store clients' feedback."""
+        await persist(message, Feedback, store_feedback_records)
+
+
+async def store_request_records(engine: AsyncEngine, items: list[tuple[ConsumerRecord, ChatRequest]]) -> int:
+    """Requests, each with the trace id of its record's `traceparent` header."""
+    return await store_requests(engine, [request for _, request in items], [trace_id_of(record) for record, _ in items])
+
+
+async def store_result_records(engine: AsyncEngine, items: list[tuple[ConsumerRecord, ChatResult]]) -> int:
+    return await store_results(engine, [result for _, result in items])
+
+
+async def store_feedback_records(engine: AsyncEngine, items: list[tuple[ConsumerRecord, Feedback]]) -> int:
+    return await store_feedback(engine, [feedback for _, feedback in items])
+
+
+def trace_id_of(record: ConsumerRecord) -> str | None:
+    """The trace id in a record's W3C `traceparent` header; None without one (e.g. a bare producer)."""
+    for key, value in record.headers or ():
+        if key == "traceparent":
+            match = TRACEPARENT.match(value.decode("ascii", errors="replace").strip())
+            trace_id = match.group(1) if match else None
+            return trace_id if trace_id and trace_id != "0" * 32 else None
+    return None
 
 
 def is_unstorable(error: BaseException) -> bool:

@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db.tables import RequestRow, ResultRow
-from shared.messages import ChatRequest, ChatResult
+from shared.db.tables import FeedbackRow, RequestRow, ResultRow
+from shared.messages import ChatRequest, ChatResult, Feedback
 
 
 def without_nul(value: Any) -> Any:
@@ -22,8 +22,8 @@ def without_nul(value: Any) -> Any:
     return value
 
 
-def request_row(request: ChatRequest) -> dict[str, Any]:
-    """The `requests` row of a chat request."""
+def request_row(request: ChatRequest, trace_id: str | None = None) -> dict[str, Any]:
+    """The `requests` row of a chat request (`trace_id`: of the trace it was published in)."""
     return {
         "request_id": request.request_id,
         "created_at": request.created_at,
@@ -36,6 +36,7 @@ def request_row(request: ChatRequest) -> dict[str, Any]:
         "params": request.model_dump(
             mode="json", include={"max_tokens", "temperature", "top_p", "stop", "seed", "reply_to"}
         ),
+        "trace_id": trace_id,
     }
 
 
@@ -59,14 +60,25 @@ def result_row(result: ChatResult) -> dict[str, Any]:
         "error_type": result.error.type if result.error else None,
         "error_code": result.error.code if result.error else None,
         "error_message": result.error.message if result.error else None,
+        "attempts": result.attempts,
+        "reasons": result.reasons,
         "created_at": result.created_at,
         "completed_at": result.completed_at,
     }
 
 
-async def store_requests(engine: AsyncEngine, requests: list[ChatRequest]) -> int:
+def feedback_row(feedback: Feedback) -> dict[str, Any]:
+    """The `feedback` row of a client's feedback."""
+    return feedback.model_dump(include={"feedback_id", "request_id", "score", "comment", "caller", "created_at"})
+
+
+async def store_requests(
+    engine: AsyncEngine, requests: list[ChatRequest], trace_ids: list[str | None] | None = None
+) -> int:
     """Insert requests in one statement, skipping ids already stored; returns rows inserted."""
-    return await _insert_new(engine, RequestRow, [request_row(r) for r in requests])
+    traces = trace_ids if trace_ids is not None else [None] * len(requests)
+    rows = [request_row(request, trace) for request, trace in zip(requests, traces, strict=True)]
+    return await _insert_new(engine, RequestRow, rows)
 
 
 async def store_results(engine: AsyncEngine, results: list[ChatResult]) -> int:
@@ -74,13 +86,21 @@ async def store_results(engine: AsyncEngine, results: list[ChatResult]) -> int:
     return await _insert_new(engine, ResultRow, [result_row(r) for r in results])
 
 
+async def store_feedback(engine: AsyncEngine, feedback: list[Feedback]) -> int:
+    """Insert feedback in one statement, skipping ids already stored; returns rows inserted."""
+    return await _insert_new(engine, FeedbackRow, [feedback_row(f) for f in feedback], key="feedback_id")
+
+
 async def _insert_new(
-    engine: AsyncEngine, table: type[RequestRow] | type[ResultRow], rows: list[dict[str, Any]]
+    engine: AsyncEngine,
+    table: type[RequestRow] | type[ResultRow] | type[FeedbackRow],
+    rows: list[dict[str, Any]],
+    key: str = "request_id",
 ) -> int:
     if not rows:
         return 0
-    unique = [without_nul(row) for row in {row["request_id"]: row for row in rows}.values()]  # ids may repeat
-    statement = insert(table).values(unique).on_conflict_do_nothing(index_elements=["request_id"])
+    unique = [without_nul(row) for row in {row[key]: row for row in rows}.values()]  # ids may repeat
+    statement = insert(table).values(unique).on_conflict_do_nothing(index_elements=[key])
     async with engine.begin() as connection:
         outcome = await connection.execute(statement)
     return outcome.rowcount or 0

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.gateway.errors import ApiError, error_from_result
+from services.gateway.feedback import FeedbackReceipt, FeedbackRequest, send_feedback
+from services.gateway.idempotency import REPLAYED_HEADER, IdempotentCompletions, Outcome
 from services.gateway.models import find_model, list_models
 from services.gateway.protocol import (
     CancellationResponse,
@@ -24,6 +28,7 @@ from services.gateway.protocol import (
 )
 from services.gateway.serving import ChatService
 from services.gateway.streaming import ChatChunks, ChunkFormat, ReplyStream, TextChunks, server_sent_events
+from services.gateway.tracking import RequestAccepted, RequestStatus, fetch_request, request_status, state_of
 from shared.registry import RegistryView
 
 
@@ -39,68 +44,145 @@ def get_registry(request: Request) -> RegistryView:
     return registry
 
 
+def get_engine(request: Request) -> AsyncEngine:
+    """The app's PostgreSQL engine (the exporter's tables, read only)."""
+    engine: AsyncEngine = request.app.state.engine
+    return engine
+
+
+def get_idempotent(request: Request) -> IdempotentCompletions:
+    """The app's runner of completions that carry an Idempotency-Key."""
+    idempotent: IdempotentCompletions = request.app.state.idempotent
+    return idempotent
+
+
+def get_caller(request: Request) -> str | None:
+    """Who is calling. None until API keys exist; then the caller's key id (requests are scoped to it)."""
+    return None
+
+
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
 RegistryDep = Annotated[RegistryView, Depends(get_registry)]
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 409, 500, 503, 504)}
-CACHE_HEADER = "X-AutoGLM-Cache"
+EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
+IdempotentDep = Annotated[IdempotentCompletions, Depends(get_idempotent)]
+CallerDep = Annotated[str | None, Depends(get_caller)]
+PreferHeader = Annotated[str | None, Header(description="`respond-async`: answer 202 at once, poll the request.")]
+KeyHeader = Annotated[str | None, Header(description="A retried POST with the same key runs once.")]
 CacheControl = Annotated[
-    str | None,
-    Header(description="`no-cache` (or `no-store`) bypasses the response cache for this request."),
+    str | None, Header(description="`no-cache` (or `no-store`) bypasses the response cache for this request.")
 ]
-
-
-def event_stream_docs(chunk: type) -> dict[int | str, dict[str, object]]:
-    """OpenAPI: a 200 is JSON, or with `stream: true` server-sent events of `chunk` objects."""
-    schema = {"type": "string", "description": f"`data: <{chunk.__name__} JSON>` events, then `data: [DONE]`."}
-    return {200: {"content": {"text/event-stream": {"schema": schema}}}}
-
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 409, 422, 500, 503, 504)}
+CACHE_HEADER = "X-AutoGLM-Cache"
 
 router = APIRouter(prefix="/v1", responses=ERRORS)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How the client wants its answer, from the request's headers."""
+
+    cache_control: str | None
+    prefer: str | None
+    idempotency_key: str | None
+
+    @property
+    def wait(self) -> bool:
+        """False when the Prefer header (RFC 7240) asks for `respond-async`."""
+        preferences = (self.prefer or "").split(",")
+        return not any(preference.split(";")[0].strip().lower() == "respond-async" for preference in preferences)
+
+    @property
+    def bypass_cache(self) -> bool:
+        return any(word in (self.cache_control or "") for word in ("no-cache", "no-store"))
+
+
+def delivery(
+    prefer: PreferHeader = None, idempotency_key: KeyHeader = None, cache_control: CacheControl = None
+) -> Delivery:
+    return Delivery(cache_control, prefer, idempotency_key)
+
+
+DeliveryDep = Annotated[Delivery, Depends(delivery)]
+
+
+def answer_docs(response_model: type, chunk: type) -> dict[int | str, dict[str, object]]:
+    """OpenAPI: a 200 is JSON, or server-sent events of `chunk` objects with `stream: true`; 202 in async mode."""
+    events = {"type": "string", "description": f"`data: <{chunk.__name__} JSON>` events, then `data: [DONE]`."}
+    return {200: {"content": {"text/event-stream": {"schema": events}}}, 202: {"model": RequestAccepted}}
 
 
 @router.post(
     "/chat/completions",
     response_model=ChatCompletionResponse,
-    responses=event_stream_docs(ChatCompletionChunk),  # type: ignore[arg-type]
+    responses=answer_docs(ChatCompletionResponse, ChatCompletionChunk),  # type: ignore[arg-type]
 )
 async def create_chat_completion(
-    body: ChatCompletionRequest, chat: ChatServiceDep, cache_control: CacheControl = None
+    body: ChatCompletionRequest, chat: ChatServiceDep, idempotent: IdempotentDep, caller: CallerDep, how: DeliveryDep
 ) -> Response:
-    """Create a chat completion (OpenAI-compatible); `stream: true` answers with server-sent events."""
-    return await answer(body, chat, cache_control, ChatCompletionResponse, ChatChunks)
+    """Create a chat completion (OpenAI-compatible): JSON, server-sent events with `stream: true`, or 202
+    at once with `Prefer: respond-async`."""
+    return await answer(
+        body, chat=chat, idempotent=idempotent, caller=caller, how=how,
+        response_type=ChatCompletionResponse, chunk_format=ChatChunks,
+    )  # fmt: skip
 
 
 @router.post(
     "/completions",
     response_model=TextCompletionResponse,
-    responses=event_stream_docs(TextCompletionChunk),  # type: ignore[arg-type]
+    responses=answer_docs(TextCompletionResponse, TextCompletionChunk),  # type: ignore[arg-type]
 )
 async def create_completion(
-    body: CompletionRequest, chat: ChatServiceDep, cache_control: CacheControl = None
+    body: CompletionRequest, chat: ChatServiceDep, idempotent: IdempotentDep, caller: CallerDep, how: DeliveryDep
 ) -> Response:
     """Continue a prompt (OpenAI's legacy completions): no chat template is applied."""
-    return await answer(body, chat, cache_control, TextCompletionResponse, TextChunks)
+    return await answer(
+        body, chat=chat, idempotent=idempotent, caller=caller, how=how,
+        response_type=TextCompletionResponse, chunk_format=TextChunks,
+    )  # fmt: skip
 
 
 async def answer(
     body: GenerationParams,
+    *,
     chat: ChatService,
-    cache_control: str | None,
+    idempotent: IdempotentCompletions,
+    caller: str | None,
+    how: Delivery,
     response_type: type[ChatCompletionResponse | TextCompletionResponse],
     chunk_format: type[ChatChunks | TextChunks],
 ) -> Response:
-    """Run the request (or take it from the cache) and answer as JSON or as a stream."""
-    request = chat.new_request(body)
-    lookup = chat.look_up(request, bypass=any(word in (cache_control or "") for word in ("no-cache", "no-store")))
-    headers = {CACHE_HEADER: lookup.status}
-    if body.stream:
-        stream = await chat.open_stream(request, lookup)
-        chunks: ChunkFormat = chunk_format(stream.request_id, int(request.created_at.timestamp()), stream)
-        return event_stream(stream, chunks, body.include_usage, headers)
-    result = await chat.complete(request, lookup)
-    if result.error is not None:
-        raise error_from_result(result)
-    return JSONResponse(response_type.from_result(result).model_dump(mode="json"), headers=headers)
+    """Run the request once (idempotency key), from the cache, or end to end, and answer as asked."""
+    if body.stream and (how.idempotency_key is not None or not how.wait):
+        raise ApiError(
+            400, "stream cannot be combined with an Idempotency-Key or Prefer: respond-async",
+            "invalid_request_error", "stream", "unsupported_combination",
+        )  # fmt: skip
+    headers: dict[str, str] = {}
+    if how.idempotency_key is not None:
+        outcome = await idempotent.run(body, how.idempotency_key, caller, wait=how.wait)
+    elif not how.wait:
+        request = chat.build_request(body, wait=False, caller=caller)
+        await chat.submit(request)
+        outcome = Outcome(request.request_id, request.created_at, None, replayed=False)
+    else:
+        request = chat.build_request(body, wait=True, caller=caller)
+        lookup = chat.look_up(request, bypass=how.bypass_cache)
+        headers[CACHE_HEADER] = lookup.status
+        if body.stream:
+            stream = await chat.open_stream(request, lookup)
+            chunks: ChunkFormat = chunk_format(stream.request_id, int(request.created_at.timestamp()), stream)
+            return event_stream(stream, chunks, body.include_usage, headers)
+        result = await chat.complete(request, lookup)
+        outcome = Outcome(result.request_id, result.created_at, result, replayed=False)
+    if outcome.replayed:
+        headers[REPLAYED_HEADER] = "true"
+    if not how.wait:
+        return accepted(outcome, headers)
+    assert outcome.result is not None  # waiting always ends in a result or an ApiError
+    if outcome.result.error is not None:
+        raise error_from_result(outcome.result)
+    return JSONResponse(response_type.from_result(outcome.result).model_dump(mode="json"), headers=headers)
 
 
 def event_stream(stream: ReplyStream, chunks: ChunkFormat, include_usage: bool, headers: dict[str, str]) -> Response:
@@ -109,6 +191,15 @@ def event_stream(stream: ReplyStream, chunks: ChunkFormat, include_usage: bool, 
         media_type="text/event-stream",
         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},  # proxies must not buffer it
     )
+
+
+def accepted(outcome: Outcome, headers: dict[str, str]) -> JSONResponse:
+    """202: the request is queued (or was already there); poll its Location."""
+    body = RequestAccepted(
+        id=outcome.request_id, status=state_of(outcome.result), created=int(outcome.created_at.timestamp())
+    )
+    headers = {**headers, "Location": f"/v1/requests/{outcome.request_id}", "Preference-Applied": "respond-async"}
+    return JSONResponse(body.model_dump(), status_code=202, headers=headers)
 
 
 @router.get("/models", response_model=ModelList, response_model_exclude_none=True)
@@ -133,3 +224,20 @@ async def cancel_request(request_id: str, chat: ChatServiceDep) -> CancellationR
     """Cancel a queued request: routers and workers answer it `cancelled` instead of running it."""
     await chat.cancel(request_id)
     return CancellationResponse(id=request_id)
+
+
+@router.get("/requests/{request_id}", response_model=RequestStatus)
+async def get_request(request_id: str, engine: EngineDep, caller: CallerDep) -> RequestStatus:
+    """A request's status, routing, attempts, trace id and result, whoever published it."""
+    stored = await fetch_request(engine, request_id, owner=caller)
+    if stored is None:
+        raise ApiError(
+            404, f"No request with id '{request_id}'", "invalid_request_error", "request_id", "request_not_found"
+        )
+    return request_status(stored)
+
+
+@router.post("/feedback", status_code=202, response_model=FeedbackReceipt)
+async def create_feedback(body: FeedbackRequest, chat: ChatServiceDep, caller: CallerDep) -> FeedbackReceipt:
+    """Score a completion from -1 (thumbs down) to 1 (thumbs up), with an optional comment."""
+    return await send_feedback(chat, body, caller)

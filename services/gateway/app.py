@@ -16,10 +16,12 @@ from services.gateway.cache import ResponseCache
 from services.gateway.config import GatewaySettings
 from services.gateway.errors import install_error_handlers
 from services.gateway.handlers import register_handlers
+from services.gateway.idempotency import IdempotentCompletions
 from services.gateway.observability import install_http_observability
 from services.gateway.replies import ReplyWaiters
 from services.gateway.serving import ChatService
 from shared import topics
+from shared.db import make_engine
 from shared.kafka import ensure_topics, make_broker
 from shared.registry import RegistryView
 from shared.service import setup_tracing
@@ -58,6 +60,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     cache = ResponseCache(settings.gateway.cache.max_entries, settings.gateway.cache.ttl_s, registry)
     chat = ChatService(broker, settings, waiters, cache)
     readiness = Readiness(chat, settings.gateway.readiness_ttl_s)
+    engine = make_engine(settings.database_url)  # reads the exporter's tables: request status, idempotency
 
     registry_view = RegistryView()  # `registry` is the metrics registry
 
@@ -78,11 +81,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             yield
         finally:
             await broker.stop()
+            await engine.dispose()
 
     app = FastAPI(title="Open-AutoGLM gateway", version="0.1.0", lifespan=lifespan)
     app.state.chat = chat
     app.state.broker = broker
     app.state.registry = registry_view
+    app.state.engine = engine
+    app.state.idempotent = IdempotentCompletions(chat, engine)
     install_error_handlers(app)
     install_http_observability(app, registry)
     app.include_router(router)

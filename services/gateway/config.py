@@ -24,6 +24,9 @@ class GatewayOptions(BaseModel):
         default=0, ge=0, description="Index of this gateway; it owns partition `instance` of autoglm.replies."
     )
     request_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    async_deadline_s: float = Field(
+        default=3600.0, gt=0, description="How long an async request (Prefer: respond-async) may wait to run."
+    )
     readiness_ttl_s: float = Field(default=5.0, ge=0, description="How long a passing end-to-end probe counts.")
     readiness_timeout_s: float = Field(default=5.0, gt=0)
     cache: CacheOptions = Field(default_factory=CacheOptions)

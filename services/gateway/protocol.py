@@ -60,7 +60,7 @@ class GenerationParams(BaseModel):
     def output_limit(self) -> int | None:
         return self.max_tokens
 
-    def to_chat_request(self, request_id: str, deadline: datetime, reply_to: ReplyRoute) -> ChatRequest:
+    def to_chat_request(self, request_id: str, deadline: datetime, reply_to: ReplyRoute | None) -> ChatRequest:
         """The bus message for this HTTP request."""
         messages, prompt_format = self.prompt()
         return ChatRequest(

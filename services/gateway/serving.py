@@ -61,11 +61,23 @@ class ChatService:
             return
         raise ApiError(404, f"The model '{model}' does not exist", "invalid_request_error", "model", "model_not_found")
 
-    def new_request(self, body: GenerationParams) -> ChatRequest:
-        """The bus request for an HTTP body; 404 for a model nobody serves."""
+    def build_request(
+        self, body: GenerationParams, request_id: str | None = None, *, wait: bool, caller: str | None = None
+    ) -> ChatRequest:
+        """The bus message for `body`: with this gateway's reply route when it will `wait` for the answer."""
         self.check_model(body.model)
-        deadline = utcnow() + timedelta(seconds=self.settings.gateway.request_timeout_s)
-        return body.to_chat_request(new_request_id(), deadline, self.reply_to)
+        options = self.settings.gateway
+        lifetime_s = options.request_timeout_s if wait else options.async_deadline_s
+        deadline = utcnow() + timedelta(seconds=lifetime_s)
+        request = body.to_chat_request(request_id or new_request_id(), deadline, self.reply_to if wait else None)
+        request.caller = caller
+        return request
+
+    async def submit(self, request: ChatRequest) -> None:
+        """Async mode: publish without a reply route; the result is only stored (GET /v1/requests/{id})."""
+        with bound_request_id(request.request_id):
+            await self.publish(request)
+            logger.info("queued without waiting")
 
     def look_up(self, request: ChatRequest, bypass: bool) -> CacheLookup:
         """Ask the response cache, when the request is deterministic and the caller did not opt out."""

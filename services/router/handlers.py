@@ -56,7 +56,13 @@ def register_handlers(broker: KafkaBroker, settings: CommonSettings) -> None:
 def cancelled_before_routing(request: ChatRequest) -> ChatResult:
     """The answer for a request cancelled before the router saw it."""
     error = ErrorInfo(type="cancelled", code="request_cancelled", message="the request was cancelled")
-    return ChatResult(request_id=request.request_id, error=error, created_at=request.created_at, probe=request.probe)
+    return ChatResult(
+        request_id=request.request_id,
+        error=error,
+        created_at=request.created_at,
+        probe=request.probe,
+        reasons=["cancelled before routing"],
+    )
 
 
 async def reject_unroutable(broker: KafkaBroker, request: ChatRequest, error: UnroutableError) -> None:
@@ -66,6 +72,7 @@ async def reject_unroutable(broker: KafkaBroker, request: ChatRequest, error: Un
         error=ErrorInfo(type="invalid_request_error", code="model_not_found", message=str(error)),
         created_at=request.created_at,
         probe=request.probe,
+        reasons=[f"unroutable: no pool serves model {request.model!r}"],
     )
     await publish_result(broker, result, request.reply_to)
     await publish_dead_letter(

@@ -61,6 +61,7 @@ def base_result(job: RoutedJob, taken_at: datetime) -> ChatResult:
         model=job.model,
         pool=job.pool,
         score=job.score,
+        reasons=job.reasons,
         created_at=job.request.created_at,
         probe=job.request.probe,
         timings=Timings(queue_ms=elapsed_ms(job.request.created_at, taken_at)),
@@ -213,4 +214,5 @@ def exhausted_result(job: RoutedJob, attempts: int, error: Exception) -> ChatRes
     result = base_result(job, utcnow())
     message = f"inference failed after {attempts} attempts: {type(error).__name__}: {error}"
     result.error = ErrorInfo(type="server_error", code="retries_exhausted", message=message[:2000])
+    result.attempts = attempts
     return result

@@ -125,6 +125,7 @@ class Settler:
 
     async def __call__(self, job: RoutedJob, outcome: Outcome, attempt: int) -> None:
         if not isinstance(outcome, JobFailure):
+            outcome.attempts = attempt
             await publish_result(self.broker, outcome, job.request.reply_to)
         elif attempt < self.retries.max_attempts:
             await self.retry_later(job, outcome.error, attempt)

@@ -59,6 +59,7 @@ async def test_unknown_model_gets_an_error_result_on_the_reply_route(app) -> Non
         letter = DeadLetter.model_validate(letters.mock.call_args.args[0])
     assert result.request_id == req.request_id
     assert result.error is not None and result.error.code == "model_not_found"
+    assert result.reasons == ["unroutable: no pool serves model 'gpt-17'"]
     assert "gpt-17" in letter.reason
 
 

@@ -55,13 +55,18 @@ def broker(settings: WorkerSettings, models: dict[str, LoadedModel]) -> KafkaBro
     return broker
 
 
+REASONS = ["score 0.10 < threshold 0.5"]
+
+
 def job(content: str = "hi", **request_fields: object) -> RoutedJob:
     request = ChatRequest(
         messages=[ChatMessage(role="user", content=content)],
         reply_to=ReplyRoute(topic=topics.REPLIES, partition=3),
         **request_fields,  # type: ignore[arg-type]
     )
-    return RoutedJob(request_id=request.request_id, request=request, pool="light", model="tiny-light", score=0.1)
+    return RoutedJob(
+        request_id=request.request_id, request=request, pool="light", model="tiny-light", score=0.1, reasons=REASONS
+    )
 
 
 def results_of(mock: MagicMock) -> dict[str, ChatResult]:
@@ -78,6 +83,7 @@ async def test_a_job_is_answered_on_results_and_on_its_reply_route(broker: Kafka
         result = results_of(results.mock)[sent.request_id]
         assert results_of(replies.mock)[sent.request_id] == result
     assert result.ok and result.model == "tiny-light" and result.pool == "light"
+    assert result.attempts == 1 and result.reasons == REASONS
     assert 0 < result.usage.completion_tokens <= 3
     assert result.timings.inference_ms > 0 and result.timings.batch_size == 1
 
@@ -145,6 +151,7 @@ async def test_a_transient_failure_is_retried_then_answered(
         await br.publish_batch(sent, topic=topics.jobs_topic("light"))
         result = results_of(results.mock)[sent.request_id]
     assert result.ok and backend.batch_sizes == [1, 1]
+    assert result.attempts == 2 and result.reasons == REASONS
 
 
 async def test_exhausted_retries_dead_letter_the_job_and_answer_the_caller(
@@ -164,6 +171,7 @@ async def test_exhausted_retries_dead_letter_the_job_and_answer_the_caller(
     assert retried == settings.retries.max_attempts - 1
     assert len(backend.batch_sizes) == settings.retries.max_attempts
     assert result.error is not None and result.error.code == "retries_exhausted"
+    assert result.attempts == settings.retries.max_attempts and result.reasons == REASONS
     assert letter.request_id == sent.request_id and letter.attempts == settings.retries.max_attempts
     assert letter.error_type == "TransientBackendError" and "restarting" in letter.reason
 
