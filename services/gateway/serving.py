@@ -44,11 +44,12 @@ class ChatService:
             return
         raise ApiError(404, f"The model '{model}' does not exist", "invalid_request_error", "model", "model_not_found")
 
-    async def complete(self, body: ChatCompletionRequest) -> ChatResult:
-        """Run a chat completion end to end and return its result (which may carry an error)."""
+    async def complete(self, body: ChatCompletionRequest, caller: str | None = None) -> ChatResult:
+        """Run a chat completion for `caller` (its API key id) end to end; the result may carry an error."""
         self.check_model(body.model)
         timeout = self.settings.gateway.request_timeout_s
         request = body.to_chat_request(new_request_id(), utcnow() + timedelta(seconds=timeout), self.reply_to)
+        request.caller = caller
         return await self.round_trip(request, timeout)
 
     async def round_trip(self, request: ChatRequest, wait_s: float) -> ChatResult:
