@@ -35,9 +35,7 @@ def principal(role: str, key_id: str = "key_a", **limits: int) -> Principal:
 
 
 def chat(model: str = "auto", messages: int = 1, **fields: Any) -> ChatCompletionRequest:
-    return ChatCompletionRequest(
-        model=model, messages=[{"role": "user", "content": "hello"}] * messages, **fields
-    )
+    return ChatCompletionRequest(model=model, messages=[{"role": "user", "content": "hello"}] * messages, **fields)
 
 
 # ------------------------------------------------------------------------------------ keys, roles
