@@ -78,6 +78,9 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         if args.role not in roles:
             print(f"error: unknown role {args.role!r} (roles: {', '.join(sorted(roles))})", file=sys.stderr)
             return 2
+        if not 1 <= len(args.name) <= 200:
+            print("error: --name must be 1 to 200 characters", file=sys.stderr)
+            return 2
         key, plaintext = await store.create(args.name, args.role, args.rpm, args.tpm)
         print(plaintext)  # alone on stdout, so that KEY=$(autoglm keys create ...) works
         print(f"created {key.key_id} (name {key.name!r}, role {key.role}); it is not shown again", file=sys.stderr)
