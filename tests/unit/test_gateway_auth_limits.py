@@ -26,7 +26,7 @@ from services.gateway.protocol import ChatCompletionRequest
 from services.worker.handlers import group_id
 from shared.db.keys import KEY_PREFIX, ApiKey, generate_key, hash_key
 from shared.messages import utcnow
-from shared.supervisor import local_admin_key
+from shared.supervisor import local_admin_key, service_specs
 
 
 def principal(role: str, key_id: str = "key_a", **limits: int) -> Principal:
@@ -165,3 +165,10 @@ def test_make_run_keeps_one_private_admin_key(tmp_path: Path, monkeypatch: pytes
     assert local_admin_key(tmp_path)[0] == key  # reused
     monkeypatch.setenv("AUTOGLM_ADMIN_KEY", "sk-agl-from-the-environment-0123")
     assert local_admin_key(tmp_path) == ("sk-agl-from-the-environment-0123", "from AUTOGLM_ADMIN_KEY")
+
+
+def test_only_the_gateway_is_given_the_admin_key() -> None:
+    ports = {"exporter": 1, "router": 2, "worker": 3}
+    specs = {spec.name: spec for spec in service_specs(GatewaySettings(), 8000, ports, "sk-agl-local-admin-key-0123")}
+    assert specs["gateway"].env == {"AUTOGLM_ADMIN_KEY": "sk-agl-local-admin-key-0123"}
+    assert all("AUTOGLM_ADMIN_KEY" not in spec.env for name, spec in specs.items() if name != "gateway")
