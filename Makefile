@@ -40,8 +40,10 @@ models: setup  ## build the tiny light and heavy checkpoints if missing
 run: up models  ## the whole stack with local defaults; Ctrl-C stops it
 	$(VENV)/bin/autoglm run
 
-demo:  ## one chat completion against a running stack
-	curl -s 127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' \
+demo:  ## one chat completion against a running stack (with AUTOGLM_ADMIN_KEY or the key make run keeps in var/admin.key)
+	@key="$${AUTOGLM_ADMIN_KEY:-$$(cat $(AUTOGLM_VAR_DIR)/admin.key 2>/dev/null)}"; \
+	test -n "$$key" || { echo "no API key: start the stack with make run (it writes var/admin.key) or set AUTOGLM_ADMIN_KEY"; exit 1; }; \
+	curl -s 127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' -H "Authorization: Bearer $$key" \
 	  -d '{"model":"auto","messages":[{"role":"user","content":"hi"}]}'; echo
 
 test: setup  ## every test: unit, in-memory handlers, end to end on real Kafka + PostgreSQL

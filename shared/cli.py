@@ -7,10 +7,15 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.logging import setup_logging
 from shared.settings import CommonSettings, load_settings
+
+if TYPE_CHECKING:
+    from shared.db.keys import KeyStore
 
 
 class StackSettings(CommonSettings):
@@ -44,6 +49,102 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     upgrade(url)
     print("database schema is up to date")
     return 0
+
+
+def key_store_command(operation: Callable[[KeyStore, dict[str, list[str]]], Awaitable[int]]) -> int:
+    """Run `operation` on the key store of the configured database, its schema migrated first."""
+    from services.gateway.config import GatewaySettings
+    from shared.db import make_engine
+    from shared.db.keys import KeyStore
+    from shared.db.migrate import upgrade
+
+    settings = load_settings(GatewaySettings)
+    upgrade(settings.database_url)
+
+    async def run() -> int:
+        engine = make_engine(settings.database_url, pool_size=1)
+        try:
+            return await operation(KeyStore(engine), settings.gateway.roles)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    """Create an API key and print it (once: only its hash is stored)."""
+
+    async def create(store: KeyStore, roles: dict[str, list[str]]) -> int:
+        if args.role not in roles:
+            print(f"error: unknown role {args.role!r} (roles: {', '.join(sorted(roles))})", file=sys.stderr)
+            return 2
+        if not 1 <= len(args.name) <= 200:
+            print("error: --name must be 1 to 200 characters", file=sys.stderr)
+            return 2
+        key, plaintext = await store.create(args.name, args.role, args.rpm, args.tpm)
+        print(plaintext)  # alone on stdout, so that KEY=$(autoglm keys create ...) works
+        print(f"created {key.key_id} (name {key.name!r}, role {key.role}); it is not shown again", file=sys.stderr)
+        return 0
+
+    return key_store_command(create)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    """List API keys (never their secrets)."""
+
+    async def show(store: KeyStore, roles: dict[str, list[str]]) -> int:
+        print(f"{'KEY ID':<22} {'NAME':<20} {'ROLE':<8} {'PREFIX':<14} {'CREATED':<20} {'REVOKED':<20} RPM    TPM")
+        for key in await store.all_keys():
+            revoked = f"{key.revoked_at:%Y-%m-%d %H:%M:%S}" if key.revoked_at else "-"
+            print(
+                f"{key.key_id:<22} {key.name[:20]:<20} {key.role:<8} {key.prefix:<14} "
+                f"{key.created_at:%Y-%m-%d %H:%M:%S}  {revoked:<20} "
+                f"{key.requests_per_minute or '-':<6} {key.tokens_per_minute or '-'}"
+            )
+        return 0
+
+    return key_store_command(show)
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    """Revoke an API key (gateways stop accepting it within their key cache ttl, 5 s by default)."""
+
+    async def revoke(store: KeyStore, roles: dict[str, list[str]]) -> int:
+        key = await store.revoke(args.key_id)
+        if key is None:
+            print(f"error: no API key {args.key_id!r}", file=sys.stderr)
+            return 1
+        print(f"revoked {key.key_id} ({key.name!r}, role {key.role})")
+        return 0
+
+    return key_store_command(revoke)
+
+
+def add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`autoglm keys create|list|revoke`."""
+    keys = commands.add_parser("keys", help="API keys of the gateway").add_subparsers(
+        dest="keys_command", required=True, metavar="SUBCOMMAND"
+    )
+    create = keys.add_parser("create", help=cmd_keys_create.__doc__, description=cmd_keys_create.__doc__)
+    create.add_argument("--name", required=True, help="who or what the key is for")
+    create.add_argument("--role", required=True, help="a role of gateway.roles: admin, user, reader by default")
+    create.add_argument("--rpm", type=positive, help="chat completions per minute (default: the gateway's limit)")
+    create.add_argument("--tpm", type=positive, help="tokens per minute (default: the gateway's limit)")
+    create.set_defaults(handler=cmd_keys_create)
+    keys.add_parser("list", help=cmd_keys_list.__doc__, description=cmd_keys_list.__doc__).set_defaults(
+        handler=cmd_keys_list
+    )
+    revoke = keys.add_parser("revoke", help=cmd_keys_revoke.__doc__, description=cmd_keys_revoke.__doc__)
+    revoke.add_argument("key_id", metavar="KEY_ID", help="e.g. key_0f3a9c2b5d7e1f00 (see `autoglm keys list`)")
+    revoke.set_defaults(handler=cmd_keys_revoke)
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
@@ -125,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     repo.add_argument("--pool", action="append", help="pool to include, any backend (default: the triton pools)")
     repo.add_argument("--backend", default="python", choices=["python", "tensorrtllm"], help="Triton backend")
     repo.set_defaults(handler=cmd_triton_repo)
+
+    add_keys_commands(commands)
 
     asyncapi = commands.add_parser("asyncapi", help=cmd_asyncapi.__doc__, description=cmd_asyncapi.__doc__)
     asyncapi.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")

@@ -55,6 +55,12 @@ class ModelConfig(BaseModel):
     precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
     max_context_tokens: int = Field(default=2048, ge=16)
     default_max_tokens: int = Field(default=64, ge=1)
+    max_output_tokens: int | None = Field(
+        default=None, ge=1, description="Largest max_tokens a request may ask for (default: max_context_tokens)."
+    )
+    max_messages: int | None = Field(
+        default=None, ge=1, description="Most messages per request (default: the gateway's limits.max_messages)."
+    )
     timeout_s: float = Field(default=60.0, gt=0, description="openai / triton: per-call timeout.")
 
 

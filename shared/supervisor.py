@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from shared.db.keys import generate_key
 from shared.settings import CommonSettings, var_dir
 
 logger = logging.getLogger("autoglm.supervisor")
@@ -51,7 +52,28 @@ class Child:
     backoff_s: float = BACKOFF_INITIAL_S
 
 
-def service_specs(settings: CommonSettings, gateway_port: int, base_ports: dict[str, int]) -> list[ServiceSpec]:
+ADMIN_KEY_ENV = "AUTOGLM_ADMIN_KEY"
+
+
+def local_admin_key(directory: Path) -> tuple[str, str]:
+    """AUTOGLM_ADMIN_KEY when set, else the key kept in `directory`/admin.key (made once, mode 0600).
+
+    Returns the key and where it came from.
+    """
+    if os.environ.get(ADMIN_KEY_ENV):
+        return os.environ[ADMIN_KEY_ENV], f"from {ADMIN_KEY_ENV}"
+    path = directory / "admin.key"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(generate_key() + "\n")
+    return path.read_text().strip(), f"kept in {path}"
+
+
+def service_specs(
+    settings: CommonSettings, gateway_port: int, base_ports: dict[str, int], admin_key: str = ""
+) -> list[ServiceSpec]:
     """The processes of a local stack: exporter, router, each pool's workers, gateway."""
     specs = [
         ServiceSpec("exporter", "services.exporter", base_ports["exporter"]),
@@ -63,7 +85,8 @@ def service_specs(settings: CommonSettings, gateway_port: int, base_ports: dict[
             env = {"AUTOGLM_WORKER__POOL": pool_name, "AUTOGLM_WORKER__PORT": str(port)}
             specs.append(ServiceSpec(f"worker-{pool_name}-{replica}", "services.worker", port, env))
             port += 1
-    specs.append(ServiceSpec("gateway", "services.gateway", gateway_port))
+    gateway_env = {ADMIN_KEY_ENV: admin_key} if admin_key else {}
+    specs.append(ServiceSpec("gateway", "services.gateway", gateway_port, gateway_env))
     return specs
 
 
@@ -191,7 +214,8 @@ async def wait_until_ready(url: str, limit_s: float, supervisor: Supervisor) -> 
 
 async def run_stack(settings: CommonSettings, gateway_port: int, base_ports: dict[str, int]) -> int:
     """Start the stack, report when it is ready, and supervise it until Ctrl-C / SIGTERM."""
-    supervisor = Supervisor(service_specs(settings, gateway_port, base_ports), var_dir() / "logs")
+    admin_key, admin_key_source = local_admin_key(var_dir())
+    supervisor = Supervisor(service_specs(settings, gateway_port, base_ports, admin_key), var_dir() / "logs")
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, supervisor.stop)
@@ -199,6 +223,7 @@ async def run_stack(settings: CommonSettings, gateway_port: int, base_ports: dic
     print(f"starting {len(supervisor.children)} services; logs in {supervisor.log_dir}", flush=True)
     if await wait_until_ready(f"http://127.0.0.1:{gateway_port}/readyz", 600, supervisor):
         print_banner(supervisor, gateway_port, settings)
+        print(f"admin API key: {admin_key} ({admin_key_source})\n", flush=True)
     await runner
     return 0
 

@@ -19,16 +19,24 @@ class ApiError(Exception):
     """An error the client sees, in OpenAI's vocabulary."""
 
     def __init__(
-        self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        param: str | None = None,
+        code: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.info = ErrorInfo(message=message, type=type_, param=param, code=code)
+        self.headers = headers or {}
 
     def response(self) -> JSONResponse:
-        """The HTTP response for this error."""
-        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status)
+        """The HTTP response for this error (with its headers, e.g. Retry-After)."""
+        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status, headers=self.headers)
 
 
 RESULT_ERROR_STATUS = {"invalid_request_error": 400, "cancelled": 409, "timeout": 504}

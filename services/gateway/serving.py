@@ -54,6 +54,11 @@ class ChatService:
         self.cache = cache
         self.reply_to = ReplyRoute(topic=topics.REPLIES, partition=settings.gateway.instance)
         self._background: set[asyncio.Task[None]] = set()
+        self._callers: dict[str, str | None] = {}  # requests this gateway waits for -> their caller's key id
+
+    def caller_of(self, request_id: str) -> str | None:
+        """The key id that made a request this gateway is waiting for (None if it waits for no such request)."""
+        return self._callers.get(request_id)
 
     def check_model(self, model: str) -> None:
         """404 unless `model` is `auto`, a pool or a served model id."""
@@ -111,10 +116,12 @@ class ChatService:
             request_id = lookup.result.request_id
         else:
             replies = self.waiters.expect_stream(request.request_id)
+            self._callers[request.request_id] = request.caller
             request_id = request.request_id
 
         def close(stream: ReplyStream) -> None:
             self.waiters.forget(request.request_id)
+            self._callers.pop(request.request_id, None)
             if stream.result is None and lookup.result is None:
                 self.in_background(self.cancel(request.request_id))  # the client left: stop the work
             self.remember(lookup, stream.result)
@@ -126,7 +133,7 @@ class ChatService:
                 await self.publish(request)
             await stream.start()
         except BaseException:
-            self.waiters.forget(request.request_id)
+            close(stream)
             raise
         return stream
 
@@ -141,6 +148,7 @@ class ChatService:
         """Publish `request` and wait up to `wait_s` seconds for its result."""
         with bound_request_id(request.request_id):
             future = self.waiters.expect(request.request_id)
+            self._callers[request.request_id] = request.caller
             try:
                 await self.publish(request)
                 return await asyncio.wait_for(future, wait_s)
@@ -151,15 +159,17 @@ class ChatService:
                 ) from None
             finally:
                 self.waiters.forget(request.request_id)
+                self._callers.pop(request.request_id, None)
 
     async def publish(self, request: ChatRequest) -> None:
         """Put the request on the requests topic; 503 when Kafka does not take it."""
         key = request.request_id.encode()
         await self.publish_or_503(request, topics.REQUESTS, key, correlation_id=request.request_id)
 
-    async def cancel(self, request_id: str) -> None:
-        """Ask every router and worker to skip `request_id` (one that is already running finishes)."""
-        await self.publish_or_503(CancelRequest(request_id=request_id), topics.CONTROL, request_id.encode())
+    async def cancel(self, request_id: str, requested_by: str | None = None) -> None:
+        """Ask every router and worker to skip `request_id` (a running one stops where its engine can)."""
+        cancel = CancelRequest(request_id=request_id, requested_by=requested_by)
+        await self.publish_or_503(cancel, topics.CONTROL, request_id.encode())
 
     async def publish_or_503(self, message: Envelope, topic: str, key: bytes, **options: Any) -> None:
         try:

@@ -82,6 +82,7 @@ class ReplyStream:
         self.first: Reply | None = None
         self.result: ChatResult | None = None
         self.model: str | None = None
+        self.closed = False
 
     async def next_reply(self) -> Reply:
         """The next chunk or the result; ApiError 504 once the deadline passes."""
@@ -114,7 +115,10 @@ class ReplyStream:
                 yield text
 
     def close(self) -> None:
-        self.on_close(self)
+        """Stop reading (once, however often it is called): forget the request, cancel it if unfinished."""
+        if not self.closed:
+            self.closed = True
+            self.on_close(self)
 
 
 class ChunkIds(TypedDict):

@@ -76,7 +76,9 @@ def bench_in_process(models_dir: Path, count: int, max_tokens: int) -> Measureme
     return measurement("model in-process", 1, latencies, tokens, seconds)
 
 
-async def bench_http(url: str, scenario: str, count: int, concurrency: int, max_tokens: int) -> Measurement:
+async def bench_http(
+    url: str, scenario: str, count: int, concurrency: int, max_tokens: int, *, headers: dict[str, str]
+) -> Measurement:
     """`count` chat completions sent by `concurrency` clients."""
     body = {"model": "tiny-light", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
             "temperature": 0}  # fmt: skip
@@ -93,7 +95,8 @@ async def bench_http(url: str, scenario: str, count: int, concurrency: int, max_
             latencies.append((time.perf_counter() - begin) * 1000)
             tokens += response.json()["usage"]["completion_tokens"]
 
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as client:
         (await client.post(url, json=body)).raise_for_status()  # warm-up
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
@@ -123,7 +126,9 @@ def run_all(stack: Stack, args: argparse.Namespace, models_dir: Path) -> list[Me
         restart_light_worker(stack, env)
         for concurrency in args.concurrency:
             count = max(args.requests, concurrency * 4)
-            figures.append(asyncio.run(bench_http(url, mode, count, concurrency, args.max_tokens)))
+            figures.append(
+                asyncio.run(bench_http(url, mode, count, concurrency, args.max_tokens, headers=stack.auth_headers))
+            )
             print(f"  {mode:<8} c={concurrency:<3} done", flush=True)
     return figures
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from shared.db.keys import generate_key
 from shared.settings import var_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,6 +121,15 @@ class Stack:
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{GATEWAY_PORT}"
 
+    @property
+    def api_key(self) -> str:
+        """The stack's admin key (AUTOGLM_ADMIN_KEY of its gateway), new for every session."""
+        return self.env["AUTOGLM_ADMIN_KEY"]
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
     def start(self) -> None:
         for service in self.services:
             service.start(self.env)
@@ -163,6 +173,7 @@ def build_stack(infra: Infra, models_dir: Path) -> Stack:
         "AUTOGLM_LOG_FORMAT": "json",
         "AUTOGLM_GATEWAY__PORT": str(GATEWAY_PORT),
         "AUTOGLM_GATEWAY__REQUEST_TIMEOUT_S": "60",
+        "AUTOGLM_ADMIN_KEY": generate_key(),
         "HF_HUB_OFFLINE": "1",
     }
     stack = Stack(infra, env)

@@ -19,12 +19,12 @@ NO_CACHE = {"Cache-Control": "no-cache"}
 
 @pytest.fixture
 def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused", max_retries=0, timeout=90)
+    return openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key=stack.api_key, max_retries=0, timeout=90)
 
 
 @pytest.fixture
 def async_client(stack: Stack) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused", max_retries=0, timeout=90)
+    return openai.AsyncOpenAI(base_url=f"{stack.gateway_url}/v1", api_key=stack.api_key, max_retries=0, timeout=90)
 
 
 def test_a_stream_arrives_in_pieces_that_join_to_the_stored_answer(client: openai.OpenAI, stack: Stack) -> None:
@@ -80,6 +80,7 @@ def test_stream_options_without_a_stream_is_a_400(stack: Stack) -> None:
     response = httpx.post(
         f"{stack.gateway_url}/v1/chat/completions",
         json={"messages": QUESTION, "stream_options": {"include_usage": True}},
+        headers=stack.auth_headers,
     )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "stream_options"
@@ -102,7 +103,9 @@ def test_text_completions_continue_the_prompt(client: openai.OpenAI) -> None:
 
 
 def test_an_unsupported_completions_field_is_a_400_naming_it(stack: Stack) -> None:
-    response = httpx.post(f"{stack.gateway_url}/v1/completions", json={"prompt": "hi", "logprobs": 2})
+    response = httpx.post(
+        f"{stack.gateway_url}/v1/completions", json={"prompt": "hi", "logprobs": 2}, headers=stack.auth_headers
+    )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "logprobs"
 
@@ -164,7 +167,7 @@ async def test_two_gateways_each_get_exactly_their_own_replies(stack: Stack, sec
     delivered_before = [metric(url, DELIVERED) for url in gateways]
 
     async def ask(url: str, n: int) -> tuple[str, str]:
-        async with httpx.AsyncClient(timeout=90) as http:
+        async with httpx.AsyncClient(timeout=90, headers=stack.auth_headers) as http:
             response = await http.post(
                 f"{url}/v1/chat/completions",
                 json={
@@ -195,7 +198,7 @@ def test_cancelling_a_running_stream_stops_it(client: openai.OpenAI, stack: Stac
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content and not received:
                 received = chunk.choices[0].delta.content
-                response = httpx.post(f"{stack.gateway_url}/v1/requests/{chunk.id}/cancel")
+                response = httpx.post(f"{stack.gateway_url}/v1/requests/{chunk.id}/cancel", headers=stack.auth_headers)
                 assert response.status_code == 202, response.text
     stored = asyncio.run(fetch_row(stack, "results", chunk.id))
     assert stored["error_code"] == "request_cancelled"

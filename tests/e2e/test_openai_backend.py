@@ -9,11 +9,9 @@ light worker -> gateway -> relay worker -> autoglm.results.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from itertools import cycle
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +19,6 @@ import httpx
 import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from services.worker.backends.base import GenerationInput, TransientBackendError
 from services.worker.backends.openai_backend import OpenAIBackend
@@ -33,7 +27,7 @@ from shared.kafka import ensure_topics
 from shared.messages import ChatMessage, ChatRequest, ChatResult, RoutedJob
 from shared.settings import DEFAULT_CONFIG_FILE, CommonSettings, ModelConfig
 from tests.e2e.harness import Service, Stack, worker_service
-from tests.local_server import LocalServer, closed_port
+from tests.local_server import closed_port
 
 RELAY_KEY_ENV = "AUTOGLM_TEST_RELAY_KEY"
 
@@ -44,11 +38,25 @@ def ask(request_id: str, content: str, **options: Any) -> GenerationInput:
 
 
 def gateway_model(stack: Stack, upstream_model: str, **fields: Any) -> ModelConfig:
-    return ModelConfig(id="relay-light", endpoint=f"{stack.gateway_url}/v1", upstream_model=upstream_model, **fields)
+    """A model behind the stack's gateway, called with the key in RELAY_KEY_ENV (see `relay_key`)."""
+    return ModelConfig(
+        id="relay-light",
+        endpoint=f"{stack.gateway_url}/v1",
+        upstream_model=upstream_model,
+        api_key_env=RELAY_KEY_ENV,
+        **fields,
+    )
 
 
 @pytest.fixture
-async def relay(stack: Stack) -> AsyncIterator[OpenAIBackend]:
+def relay_key(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The stack's key in RELAY_KEY_ENV, where backends built in this process look for it."""
+    monkeypatch.setenv(RELAY_KEY_ENV, stack.api_key)
+    return stack.api_key
+
+
+@pytest.fixture
+async def relay(stack: Stack, relay_key: str) -> AsyncIterator[OpenAIBackend]:
     """A backend whose upstream is the stack's gateway serving tiny-light."""
     backend = OpenAIBackend.from_config(gateway_model(stack, "tiny-light", timeout_s=60), max_connections=4)
     yield backend
@@ -84,6 +92,7 @@ async def test_a_request_the_upstream_refuses_is_an_error_and_its_companions_are
     assert outputs[0].completion_tokens == outputs[2].completion_tokens == 8
 
 
+@pytest.mark.usefixtures("relay_key")
 async def test_an_unknown_upstream_model_is_an_error_output_with_the_upstream_message(stack: Stack) -> None:
     missing = OpenAIBackend.from_config(gateway_model(stack, "no-such-model"), max_connections=2)
     try:
@@ -108,57 +117,23 @@ async def test_an_unreachable_endpoint_is_a_transient_failure() -> None:
 # ---------------------------------------------------------------------------------------- streaming
 
 
-def streaming_front(gateway_url: str) -> Starlette:
-    """An SSE server in OpenAI's chunk format, streaming the gateway's real answer in uneven pieces.
-
-    Our gateway does not stream yet (it answers 400 to `stream: true`), so this stands in front of it.
-    """
-
-    async def chat(request: Request) -> Response:
-        body = await request.json()
-        stream = body.pop("stream", False)
-        async with httpx.AsyncClient(timeout=60) as client:
-            answer = await client.post(f"{gateway_url}/v1/chat/completions", json=body)
-        if not stream or answer.status_code != 200:
-            return JSONResponse(answer.json(), status_code=answer.status_code)
-        completion = answer.json()
-        return StreamingResponse(sse_chunks(completion), media_type="text/event-stream")
-
-    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
-
-
-async def sse_chunks(completion: dict[str, Any]) -> AsyncIterator[str]:
-    def event(delta: dict[str, Any], finish_reason: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-        body = {"id": completion["id"], "object": "chat.completion.chunk", "choices": [choice]}
-        return f"data: {json.dumps(body)}\n\n"
-
-    yield event({"role": "assistant", "content": ""})
-    text: str = completion["choices"][0]["message"]["content"]
-    position = 0
-    for size in cycle((1, 2, 3)):
-        if position >= len(text):
-            break
-        yield event({"content": text[position : position + size]})
-        position += size
-        await asyncio.sleep(0.001)
-    yield event({}, completion["choices"][0]["finish_reason"])
-    yield "data: [DONE]\n\n"
-
-
-async def test_streamed_deltas_add_up_to_the_non_streamed_answer(stack: Stack, relay: OpenAIBackend) -> None:
+async def test_streamed_deltas_add_up_to_the_non_streamed_answer(relay: OpenAIBackend) -> None:
+    # Streamed first: the gateway streams it from the worker in pieces (and caches the greedy answer,
+    # so the plain call after it must say the same).
     request = ask("streamed", "tell me a story about a lighthouse", max_tokens=12)
+    deltas = [delta async for delta in relay.astream(request)]
     [whole] = await relay.agenerate([request])
-    with LocalServer(streaming_front(stack.gateway_url)) as front:
-        streaming = OpenAIBackend.from_config(
-            ModelConfig(id="relay-light", endpoint=f"{front.url}/v1", upstream_model="tiny-light"), max_connections=1
-        )
-        try:
-            deltas = [delta async for delta in streaming.astream(request)]
-        finally:
-            await streaming.aclose()
     assert whole.text and len(deltas) > 1
     assert "".join(deltas) == whole.text
+
+
+async def test_a_streamed_batch_hands_each_delta_on_and_counts_usage(relay: OpenAIBackend) -> None:
+    batch = [ask("a", "tell me about the sea", max_tokens=10, stream=True), ask("b", "hello", max_tokens=4)]
+    deltas: dict[str, list[str]] = {}
+    outputs = await relay.agenerate(batch, lambda request_id, delta: deltas.setdefault(request_id, []).append(delta))
+    assert list(deltas) == ["a"] and "".join(deltas["a"]) == outputs[0].text
+    assert outputs[0].completion_tokens > 0 and outputs[0].prompt_tokens > 0  # from the stream's usage chunk
+    assert outputs[1].text
 
 
 # ------------------------------------------------------------------------------ through a relay worker
@@ -168,13 +143,14 @@ def relay_deployment(stack: Stack, path: Path) -> Path:
     """The normal deployment file plus a `relay` pool whose models live behind the stack's gateway."""
     deployment = yaml.safe_load(DEFAULT_CONFIG_FILE.read_text())
     gateway = f"{stack.gateway_url}/v1"
+    key = {"api_key_env": RELAY_KEY_ENV}
     deployment["pools"]["relay"] = {
         "backend": "openai",
         "partitions": 2,
         "batching": {"enabled": True, "max_batch_size": 4, "max_wait_ms": 20},
         "models": [
-            {"id": "relay-light", "endpoint": gateway, "upstream_model": "tiny-light", "api_key_env": RELAY_KEY_ENV},
-            {"id": "relay-missing", "endpoint": gateway, "upstream_model": "no-such-model"},
+            {"id": "relay-light", "endpoint": gateway, "upstream_model": "tiny-light", **key},
+            {"id": "relay-missing", "endpoint": gateway, "upstream_model": "no-such-model", **key},
             {"id": "relay-down", "endpoint": f"http://127.0.0.1:{closed_port()}/v1", "timeout_s": 5},
         ],
     }
@@ -206,7 +182,7 @@ def relay_worker(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iter
     pools = yaml.safe_load(path.read_text())["pools"]
     asyncio.run(ensure_topics(CommonSettings(kafka_bootstrap=stack.infra.kafka_bootstrap, pools=pools)))
     worker = worker_service("relay", closed_port())
-    worker.env.update({"AUTOGLM_CONFIG_FILE": str(path), RELAY_KEY_ENV: "sk-relay"})
+    worker.env.update({"AUTOGLM_CONFIG_FILE": str(path), RELAY_KEY_ENV: stack.api_key})
     worker.start(stack.env)
     try:
         wait_ready(worker)
@@ -262,7 +238,7 @@ async def test_a_relay_worker_answers_through_the_upstream(stack: Stack, relay_w
     assert (result.model, result.pool) == ("relay-light", "relay")
     assert result.usage.prompt_tokens > 0 and result.usage.completion_tokens == 5
     assert result.choices[0].finish_reason == "length"
-    async with httpx.AsyncClient(timeout=60) as client:
+    async with httpx.AsyncClient(timeout=60, headers=stack.auth_headers) as client:
         answer = await client.post(
             f"{stack.gateway_url}/v1/chat/completions",
             json={"model": "tiny-light", "messages": [{"role": "user", "content": "relay this, please"}],

@@ -41,7 +41,7 @@ async def fetch_row(stack: Stack, table: str, request_id: str, limit_s: float = 
 
 @pytest.fixture
 def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused", max_retries=0, timeout=90)
+    return openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key=stack.api_key, max_retries=0, timeout=90)
 
 
 def test_chat_completion_returns_text_from_the_tiny_model(client: openai.OpenAI) -> None:
@@ -73,6 +73,7 @@ def test_unknown_model_is_an_openai_404(stack: Stack) -> None:
     response = httpx.post(
         f"{stack.gateway_url}/v1/chat/completions",
         json={"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]},
+        headers=stack.auth_headers,
     )
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_found"
@@ -82,6 +83,7 @@ def test_unsupported_field_is_a_400_naming_it(stack: Stack) -> None:
     response = httpx.post(
         f"{stack.gateway_url}/v1/chat/completions",
         json={"model": "auto", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 2}},
+        headers=stack.auth_headers,
     )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "logit_bias"
@@ -243,6 +245,7 @@ def test_one_trace_id_follows_the_request_through_the_services(stack: Stack) -> 
     response = httpx.post(
         f"{stack.gateway_url}/v1/chat/completions",
         json={"model": "auto", "messages": [{"role": "user", "content": "trace me"}], "max_tokens": 1},
+        headers=stack.auth_headers,
         timeout=60,
     )
     trace_id = response.headers["X-Trace-Id"]

@@ -72,7 +72,7 @@ def worker(stack: Stack, pool: str) -> Service:
 
 async def listed(stack: Stack) -> dict[str, dict[str, Any]]:
     """`GET /v1/models` as a client sees it, by id."""
-    async with httpx.AsyncClient(timeout=10) as client:
+    async with httpx.AsyncClient(timeout=10, headers=stack.auth_headers) as client:
         response = await client.get(f"{stack.gateway_url}/v1/models")
     assert response.status_code == 200
     body = response.json()
@@ -118,7 +118,7 @@ async def restore_heavy(stack: Stack) -> None:
     if heavy.process is None or heavy.process.poll() is not None:
         await restart(stack, heavy)
     await wait_until(lambda: model_listed(stack, "tiny-heavy"), "tiny-heavy listed again", 30)
-    client = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused", max_retries=0, timeout=90)
+    client = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key=stack.api_key, max_retries=0, timeout=90)
     completion = await asyncio.to_thread(
         lambda: client.chat.completions.create(
             model="tiny-heavy", messages=[{"role": "user", "content": "back?"}], max_tokens=2
@@ -162,7 +162,7 @@ async def test_models_endpoint_lists_the_live_models(stack: Stack) -> None:
     assert tiny_heavy["created"] == int(heavy_card.started_at.timestamp())
     assert models["light"]["instances"] == 1 and "precision" not in models["auto"]
 
-    client = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused", max_retries=0, timeout=30)
+    client = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key=stack.api_key, max_retries=0, timeout=30)
     retrieved = await asyncio.to_thread(client.models.retrieve, "tiny-light")
     assert retrieved.id == "tiny-light" and retrieved.owned_by == "autoglm"
     with pytest.raises(openai.NotFoundError) as raised:
@@ -182,7 +182,7 @@ async def test_a_worker_stopped_with_sigterm_leaves_the_registry_at_once(stack: 
 
     models = await listed(stack)
     assert "heavy" not in models and {"auto", "light", "tiny-light"} <= set(models)
-    async with httpx.AsyncClient(timeout=10) as client:
+    async with httpx.AsyncClient(timeout=10, headers=stack.auth_headers) as client:
         not_found = await client.get(f"{stack.gateway_url}/v1/models/tiny-heavy")
     assert not_found.status_code == 404 and not_found.json()["error"]["code"] == "model_not_found"
 

@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaProducer
 
 from services.gateway.idempotency import idempotent_request_id
 from shared import topics
+from shared.db.keys import hash_key
 from shared.messages import ChatMessage, ChatRequest, utcnow
 from tests.e2e.harness import Stack
 from tests.e2e.test_pipeline import fetch_row, plain_dsn, result_of
@@ -27,7 +28,10 @@ def chat_body(content: str, **fields: Any) -> dict[str, Any]:
 
 async def status_when_finished(stack: Stack, request_id: str, limit_s: float = 60.0) -> dict[str, Any]:
     """GET /v1/requests/{id} until it is no longer queued (404 until the exporter stored it)."""
-    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=10) as http, asyncio.timeout(limit_s):
+    async with (
+        httpx.AsyncClient(base_url=stack.gateway_url, headers=stack.auth_headers, timeout=10) as http,
+        asyncio.timeout(limit_s),
+    ):
         while True:
             response = await http.get(f"/v1/requests/{request_id}")
             if response.status_code == 200 and response.json()["status"] != "queued":
@@ -57,7 +61,7 @@ def times_routed(stack: Stack, request_id: str) -> int:
 
 
 async def test_async_mode_answers_202_then_the_request_reports_its_result_routing_and_trace(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=10) as http:
+    async with httpx.AsyncClient(base_url=stack.gateway_url, headers=stack.auth_headers, timeout=10) as http:
         accepted = await http.post("/v1/chat/completions", json=chat_body("async please"), headers=ASYNC)
     assert accepted.status_code == 202, accepted.text
     request_id = accepted.json()["id"]
@@ -108,14 +112,14 @@ async def test_failed_and_expired_requests_say_why(stack: Stack) -> None:
 
 
 def test_an_unknown_request_is_an_openai_404(stack: Stack) -> None:
-    response = httpx.get(f"{stack.gateway_url}/v1/requests/chatcmpl-{uuid.uuid4().hex}")
+    response = httpx.get(f"{stack.gateway_url}/v1/requests/chatcmpl-{uuid.uuid4().hex}", headers=stack.auth_headers)
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "request_not_found"
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
 async def test_feedback_is_stored_in_postgresql(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=stack.gateway_url, headers=stack.auth_headers, timeout=60) as http:
         completion = (await http.post("/v1/chat/completions", json=chat_body("rate me"))).json()
         sent = await http.post(
             "/v1/feedback", json={"request_id": completion["id"], "score": -1, "comment": "not helpful"}
@@ -129,7 +133,7 @@ async def test_feedback_is_stored_in_postgresql(stack: Stack) -> None:
 
 def test_bad_feedback_is_a_400_naming_the_field(stack: Stack) -> None:
     def refused(body: dict[str, Any]) -> str:
-        response = httpx.post(f"{stack.gateway_url}/v1/feedback", json=body)
+        response = httpx.post(f"{stack.gateway_url}/v1/feedback", json=body, headers=stack.auth_headers)
         assert response.status_code == 400, response.text
         return response.json()["error"]["param"]  # type: ignore[no-any-return]
 
@@ -152,7 +156,7 @@ async def count_rows(stack: Stack, request_id: str) -> dict[str, int]:
 async def test_the_same_idempotency_key_runs_the_request_once(stack: Stack) -> None:
     headers = {"Idempotency-Key": f"order-{uuid.uuid4()}"}
     body = chat_body("only once", temperature=1.0)
-    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=90) as http:
+    async with httpx.AsyncClient(base_url=stack.gateway_url, headers=stack.auth_headers, timeout=90) as http:
         first, second = await asyncio.gather(
             http.post("/v1/chat/completions", json=body, headers=headers),
             http.post("/v1/chat/completions", json=body, headers=headers),
@@ -169,17 +173,31 @@ async def test_the_same_idempotency_key_runs_the_request_once(stack: Stack) -> N
     assert times_routed(stack, request_id) == 1
 
 
+async def admin_key_id(stack: Stack) -> str:
+    """The key id the gateway gave the stack's admin key (idempotency keys are scoped to a caller)."""
+    connection = await asyncpg.connect(plain_dsn(stack.infra.database_url))
+    try:
+        key_id: str = await connection.fetchval(
+            "SELECT key_id FROM api_keys WHERE key_hash = $1", hash_key(stack.api_key)
+        )
+        return key_id
+    finally:
+        await connection.close()
+
+
 async def test_a_retry_after_a_restart_replays_the_stored_result(stack: Stack) -> None:
     # Another gateway (or this one before a restart) ran the first attempt: only PostgreSQL knows it.
     key = f"order-{uuid.uuid4()}"
+    caller = await admin_key_id(stack)
     first = ChatRequest(
-        request_id=idempotent_request_id(None, key),
+        request_id=idempotent_request_id(caller, key),
         messages=[ChatMessage(role="user", content="ran before")],
         max_tokens=3,
+        caller=caller,
     )
     result = await result_of(stack, first)
     await fetch_row(stack, "results", first.request_id)
-    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=90) as http:
+    async with httpx.AsyncClient(base_url=stack.gateway_url, headers=stack.auth_headers, timeout=90) as http:
         other = await http.post("/v1/chat/completions", json=chat_body("not that"), headers={"Idempotency-Key": key})
         retry = await http.post("/v1/chat/completions", json=chat_body("ran before"), headers={"Idempotency-Key": key})
     assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
@@ -194,7 +212,7 @@ async def test_a_retry_after_a_restart_replays_the_stored_result(stack: Stack) -
 async def test_an_async_request_with_a_key_is_queued_once_and_a_waiting_retry_gets_its_result(stack: Stack) -> None:
     headers = {"Idempotency-Key": f"order-{uuid.uuid4()}"}
     body = chat_body("async and keyed")
-    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=90) as http:
+    async with httpx.AsyncClient(base_url=stack.gateway_url, headers=stack.auth_headers, timeout=90) as http:
         queued = await http.post("/v1/chat/completions", json=body, headers={**headers, **ASYNC})
         again = await http.post("/v1/chat/completions", json=body, headers={**headers, **ASYNC})
         waited = await http.post("/v1/chat/completions", json=body, headers=headers)
@@ -209,7 +227,7 @@ async def test_an_async_request_with_a_key_is_queued_once_and_a_waiting_retry_ge
 
 async def test_the_same_key_with_another_body_is_a_422(stack: Stack) -> None:
     headers = {"Idempotency-Key": f"order-{uuid.uuid4()}"}
-    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=90) as http:
+    async with httpx.AsyncClient(base_url=stack.gateway_url, headers=stack.auth_headers, timeout=90) as http:
         first = await http.post("/v1/chat/completions", json=chat_body("one body"), headers=headers)
         other = await http.post("/v1/chat/completions", json=chat_body("another body"), headers=headers)
     assert first.status_code == 200

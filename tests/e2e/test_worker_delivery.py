@@ -18,7 +18,7 @@ async def completions(stack: Stack, count: int, concurrency: int) -> list[str]:
     """Ids of `count` chat completions sent by `concurrency` clients at once."""
     body = {"model": "tiny-light", "messages": [{"role": "user", "content": "batch me"}], "max_tokens": 4}
     ids: list[str] = []
-    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=120, headers=stack.auth_headers) as client:
 
         async def one() -> None:
             response = await client.post("/v1/chat/completions", json=body)
@@ -107,7 +107,7 @@ async def test_a_cancelled_request_is_answered_without_running(stack: Stack) -> 
 
 async def test_cancelling_over_http_stops_a_request_that_has_not_run(stack: Stack) -> None:
     request = ChatRequest(model="tiny-light", messages=[ChatMessage(role="user", content="cancel me over HTTP")])
-    async with httpx.AsyncClient(base_url=stack.gateway_url) as client:
+    async with httpx.AsyncClient(base_url=stack.gateway_url, headers=stack.auth_headers) as client:
         response = await client.post(f"/v1/requests/{request.request_id}/cancel")
     assert response.status_code == 202
     assert response.json() == {"id": request.request_id, "object": "request.cancellation", "status": "cancelling"}
