@@ -74,7 +74,7 @@ class ChatRequest(Envelope):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] | None = Field(default=None, max_length=4)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1, description="A 64-bit integer.")
     user: str | None = Field(default=None, description="End-user id supplied by the client.")
     priority: int = Field(default=0, ge=0, le=9, description="Higher is more urgent.")
     caller: str | None = Field(default=None, description="Authenticated identity of the caller.")

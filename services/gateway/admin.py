@@ -17,12 +17,13 @@ from shared.db.keys import ApiKey, KeyStore
 class KeyCreation(BaseModel):
     """`POST /v1/admin/keys` body."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # e.g. `stream: 0` is a 400, not False
 
     name: str = Field(min_length=1, max_length=200, examples=["ci"])
     role: str = Field(min_length=1, max_length=64, examples=["user"])
-    requests_per_minute: int | None = Field(default=None, ge=1, description="Default: the gateway's limit.")
-    tokens_per_minute: int | None = Field(default=None, ge=1, description="Default: the gateway's limit.")
+    # le: PostgreSQL's integer column
+    requests_per_minute: int | None = Field(default=None, ge=1, le=2**31 - 1, description="Default: the gateway's.")
+    tokens_per_minute: int | None = Field(default=None, ge=1, le=2**31 - 1, description="Default: the gateway's.")
 
 
 class KeyInfo(BaseModel):

@@ -84,7 +84,10 @@ RegistryDep = Annotated[RegistryView, Depends(get_registry)]
 EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
 CompletionsDep = Annotated[Completions, Depends(get_completions)]
 PreferHeader = Annotated[str | None, Header(description="`respond-async`: answer 202 at once, poll the request.")]
-KeyHeader = Annotated[str | None, Header(description="A retried POST with the same key runs once.")]
+KeyHeader = Annotated[
+    str | None,
+    Header(description="A retried POST with the same key runs once.", pattern=r"^[ -~]{1,255}$"),  # printable ASCII
+]
 CacheControl = Annotated[
     str | None, Header(description="`no-cache` (or `no-store`) bypasses the response cache for this request.")
 ]
@@ -122,16 +125,24 @@ def delivery(
 DeliveryDep = Annotated[Delivery, Depends(delivery)]
 
 
-def answer_docs(response_model: type, chunk: type) -> dict[int | str, dict[str, object]]:
-    """OpenAPI: a 200 is JSON, or server-sent events of `chunk` objects with `stream: true`; 202 in async mode."""
-    events = {"type": "string", "description": f"`data: <{chunk.__name__} JSON>` events, then `data: [DONE]`."}
-    return {200: {"content": {"text/event-stream": {"schema": events}}}, 202: {"model": RequestAccepted}}
+def answer_docs(chunk: type) -> dict[int | str, dict[str, object]]:
+    """OpenAPI: a 200 is JSON, or server-sent events of `chunk` objects with `stream: true`; 202 in async mode.
+
+    The event stream's schema describes one event (as OpenAPI 3.2's `itemSchema` does).
+    """
+    data = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "description": f"A {chunk.__name__} as JSON, an `error` object, or `[DONE]` (the last event).",
+    }
+    event = {"type": "object", "required": ["data"], "properties": {"data": data, "event": {"type": "string"}}}
+    return {200: {"content": {"text/event-stream": {"schema": event}}}, 202: {"model": RequestAccepted}}
 
 
 @router.post(
     "/chat/completions",
     response_model=ChatCompletionResponse,
-    responses=answer_docs(ChatCompletionResponse, ChatCompletionChunk),  # type: ignore[arg-type]
+    responses=answer_docs(ChatCompletionChunk),  # type: ignore[arg-type]
 )
 async def create_chat_completion(
     body: ChatCompletionRequest, completions: CompletionsDep, caller: ChatCaller, how: DeliveryDep
@@ -147,7 +158,7 @@ async def create_chat_completion(
 @router.post(
     "/completions",
     response_model=TextCompletionResponse,
-    responses=answer_docs(TextCompletionResponse, TextCompletionChunk),  # type: ignore[arg-type]
+    responses=answer_docs(TextCompletionChunk),  # type: ignore[arg-type]
 )
 async def create_completion(
     body: CompletionRequest, completions: CompletionsDep, caller: ChatCaller, how: DeliveryDep

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
 
 from services.gateway.protocol import ErrorInfo, ErrorResponse
 from shared.messages import ChatResult
@@ -61,6 +62,15 @@ def validation_error(error: RequestValidationError) -> ApiError:
     return ApiError(400, message, "invalid_request_error", param, first.get("type"))
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app serves at this request's path."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, BaseRoute) and route.matches({**request.scope, "method": "GET"})[0] != Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves the gateway as OpenAI error JSON: never HTML, never a stack trace."""
 
@@ -75,7 +85,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, error: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-        return ApiError(error.status_code, str(error.detail), kind).response()
+        headers = dict(error.headers or {})
+        if error.status_code == 405:  # Starlette names only the first matching route's methods
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return ApiError(error.status_code, str(error.detail), kind, headers=headers).response()
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, error: Exception) -> JSONResponse:

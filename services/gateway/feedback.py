@@ -14,7 +14,7 @@ from shared.messages import Feedback
 class FeedbackRequest(BaseModel):
     """`POST /v1/feedback` body. Unknown fields are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # e.g. `stream: 0` is a 400, not False
 
     request_id: str = Field(min_length=1, max_length=128, description="The completion's `id`.")
     score: float = Field(ge=-1.0, le=1.0, description="-1 is thumbs down, 1 thumbs up; anything between.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -14,7 +14,7 @@ from shared.messages import ChatMessage, ChatRequest, ChatResult, Choice, ReplyR
 class StreamOptions(BaseModel):
     """`stream_options`: what a streamed answer carries besides the text."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # e.g. `stream: 0` is a 400, not False
 
     include_usage: bool = Field(default=False, description="Send a last chunk with `usage` and no choices.")
 
@@ -22,14 +22,14 @@ class StreamOptions(BaseModel):
 class GenerationParams(BaseModel):
     """Fields both completion endpoints share. Unknown fields are refused, never silently ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # e.g. `stream: 0` is a 400, not False
 
     model: str = Field(default="auto", min_length=1, examples=["auto"])
     max_tokens: int | None = Field(default=None, ge=1, le=32_768)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = Field(default=None, description="Up to 4 strings that end the answer.")
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1, description="A 64-bit integer.")
     n: Literal[1] = 1
     user: str | None = Field(default=None, max_length=200)
     stream: bool = Field(default=False, description="Answer with server-sent events as the text is generated.")
@@ -93,23 +93,16 @@ class ChatCompletionRequest(GenerationParams):
         return self.max_completion_tokens or self.max_tokens
 
 
+PromptText = Annotated[str, Field(min_length=1, max_length=1_000_000)]
+
+
 class CompletionRequest(GenerationParams):
     """`POST /v1/completions` body: a raw prompt the model continues (no chat template)."""
 
-    prompt_text: str | list[str] = Field(
-        alias="prompt", description="The text to continue; a list must hold exactly one string."
+    prompt_text: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)] = Field(
+        alias="prompt", description="The text to continue; a list must hold exactly one string (n=1)."
     )
     max_tokens: int | None = Field(default=16, ge=1, le=32_768)  # OpenAI's default for this endpoint
-
-    @field_validator("prompt_text")
-    @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
-        if isinstance(prompt, list) and len(prompt) != 1:
-            raise ValueError("exactly one prompt per request (n=1)")
-        text = prompt if isinstance(prompt, str) else prompt[0]
-        if not text:
-            raise ValueError("the prompt is empty")
-        return prompt
 
     def prompt(self) -> tuple[list[ChatMessage], Literal["chat", "text"]]:
         text = self.prompt_text if isinstance(self.prompt_text, str) else self.prompt_text[0]

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 from faststream.kafka import KafkaBroker
+from pydantic import ValidationError
 
 from services.gateway.cache import ResponseCache, cache_key
 from services.gateway.config import GatewaySettings
@@ -74,7 +75,11 @@ class ChatService:
         options = self.settings.gateway
         lifetime_s = options.request_timeout_s if wait else options.async_deadline_s
         deadline = utcnow() + timedelta(seconds=lifetime_s)
-        request = body.to_chat_request(request_id or new_request_id(), deadline, self.reply_to if wait else None)
+        try:
+            request = body.to_chat_request(request_id or new_request_id(), deadline, self.reply_to if wait else None)
+        except ValidationError as error:  # a rule of the bus message the HTTP body does not repeat
+            first = error.errors()[0]
+            raise ApiError(400, f"Invalid request: {first['msg']}", "invalid_request_error", "messages") from None
         request.caller = caller
         return request
 

@@ -98,6 +98,7 @@ class ReplyStream:
     async def start(self) -> None:
         """Wait for the first reply: a request that fails before any text fails as plain HTTP."""
         self.first = await self.next_reply()
+        self.model = self.first.model
         if isinstance(self.first, ChatResult) and self.first.error is not None:
             raise error_from_result(self.first)
 

@@ -107,6 +107,24 @@ def test_a_user_key_cannot_manage_keys(stack: Stack, admin: httpx.Client) -> Non
     assert response.status_code == 403 and response.json()["error"]["code"] == "permission_denied"
 
 
+def test_a_key_sees_and_cancels_only_its_own_requests(stack: Stack, admin: httpx.Client) -> None:
+    alice, bob = create_key(admin, "user")["key"], create_key(admin, "user")["key"]
+    accepted = httpx.post(
+        f"{stack.gateway_url}/v1/chat/completions",
+        json=chat_body(),
+        headers={**bearer(alice), "Prefer": "respond-async"},
+    )
+    assert accepted.status_code == 202, accepted.text
+    request_id = accepted.json()["id"]
+    asyncio.run(fetch_row(stack, "requests", request_id))  # stored: ownership is known to every gateway
+    for path in (f"/v1/requests/{request_id}", f"/v1/requests/{request_id}/cancel"):
+        method = "POST" if path.endswith("cancel") else "GET"
+        theirs = httpx.request(method, f"{stack.gateway_url}{path}", headers=bearer(bob))
+        assert theirs.status_code == 404 and theirs.json()["error"]["code"] == "request_not_found", path
+        assert httpx.request(method, f"{stack.gateway_url}{path}", headers=bearer(alice)).status_code in (200, 202)
+    assert admin.get(f"/v1/requests/{request_id}").status_code == 200  # an admin sees every request
+
+
 def test_an_unknown_role_is_a_400(admin: httpx.Client) -> None:
     response = admin.post("/v1/admin/keys", json={"name": "x", "role": "superuser"})
     assert response.status_code == 400

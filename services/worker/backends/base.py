@@ -21,6 +21,9 @@ class BatchTooLargeError(TransientBackendError):
     """The batch did not fit in device memory; the worker splits it and runs the halves."""
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class GenerationInput:
     """One request of a batch, reduced to what a model needs."""
@@ -36,6 +39,11 @@ class GenerationInput:
     prompt_format: Literal["chat", "text"] = "chat"  # text: one raw prompt, no chat template
     # True once the request is cancelled; engines that decode step by step stop its row early.
     is_cancelled: Callable[[], bool] = field(default=lambda: False, compare=False, repr=False)
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax decoding: temperature 0, or so close to it that dividing logits by it overflows to inf."""
+        return self.temperature < GREEDY_BELOW
 
 
 DeltaSink = Callable[[str, str], None]

@@ -92,7 +92,7 @@ class TokenChooser:
 
     @classmethod
     def for_request(cls, request: GenerationInput, device: torch.device) -> TokenChooser:
-        if request.temperature <= 0:
+        if request.greedy:
             return cls(None)  # top_p and seed do not change an argmax
         warpers = LogitsProcessorList()
         # The same warpers, under the same conditions, as `generate()` with the torch backend's config.

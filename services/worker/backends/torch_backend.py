@@ -109,7 +109,7 @@ class EncodedRequest:
 
 def sampling_group_key(index: int, request: GenerationInput) -> tuple[Any, ...]:
     """Requests with equal keys can share one `generate()` call."""
-    if request.temperature <= 0:
+    if request.greedy:
         return ("greedy",)  # top_p and seed do not change an argmax
     if request.seed is not None:
         return ("seeded", index)  # alone: see the module docstring
@@ -408,7 +408,7 @@ class TorchBackend:
         prompt_width = padded["input_ids"].shape[1]
         per_row = PerRowStoppingCriteria(self.tokenizer, prompt_width, requests)
         stopping = StoppingCriteriaList([per_row])
-        with self._seeded(requests[0].seed if requests[0].temperature > 0 else None):  # seeded groups hold one
+        with self._seeded(None if requests[0].greedy else requests[0].seed):  # seeded groups hold one
             sequences = generate_tokens(
                 self.require_model(),
                 **padded,
@@ -432,7 +432,7 @@ class TorchBackend:
             "eos_token_id": sorted(self.eos_token_ids) or None,
             "pad_token_id": self.tokenizer.pad_token_id,
         }
-        if first.temperature <= 0:
+        if first.greedy:
             return GenerationConfig(do_sample=False, **common)
         # The API has no top_k: 0 turns off transformers' default of 50, leaving nucleus sampling over
         # the whole vocabulary as OpenAI's API does.
