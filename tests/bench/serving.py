@@ -77,9 +77,17 @@ def bench_in_process(models_dir: Path, count: int, max_tokens: int) -> Measureme
 
 
 async def bench_http(
-    url: str, scenario: str, count: int, concurrency: int, max_tokens: int, *, headers: dict[str, str]
+    url: str,
+    scenario: str,
+    count: int,
+    concurrency: int,
+    max_tokens: int,
+    *,
+    headers: dict[str, str],
+    cached: bool = False,
 ) -> Measurement:
-    """`count` chat completions sent by `concurrency` clients."""
+    """`count` chat completions sent by `concurrency` clients (past the response cache unless `cached`)."""
+    headers = headers if cached else {**headers, "Cache-Control": "no-cache"}
     body = {"model": "tiny-light", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
             "temperature": 0}  # fmt: skip
     latencies: list[float] = []
@@ -101,6 +109,26 @@ async def bench_http(
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
     return measurement(scenario, concurrency, latencies, tokens, time.perf_counter() - started)
+
+
+async def bench_first_token(url: str, count: int, max_tokens: int, *, headers: dict[str, str]) -> Measurement:
+    """`count` streamed completions, one at a time: the latency is until the first text arrives."""
+    body = {"model": "tiny-light", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True}  # fmt: skip
+    latencies: list[float] = []
+    async with httpx.AsyncClient(timeout=120, headers={**headers, "Cache-Control": "no-cache"}) as client:
+        started = time.perf_counter()
+        for _ in range(count):
+            begin = time.perf_counter()
+            async with client.stream("POST", url, json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if '"content":"' in line and '"content":""' not in line:  # the first text, not the role
+                        latencies.append((time.perf_counter() - begin) * 1000)
+                        break
+                async for _ in response.aiter_lines():
+                    pass
+    return measurement("first token", 1, latencies, 0, time.perf_counter() - started)
 
 
 def restart_light_worker(stack: Stack, env: dict[str, str]) -> None:
@@ -130,6 +158,12 @@ def run_all(stack: Stack, args: argparse.Namespace, models_dir: Path) -> list[Me
                 asyncio.run(bench_http(url, mode, count, concurrency, args.max_tokens, headers=stack.auth_headers))
             )
             print(f"  {mode:<8} c={concurrency:<3} done", flush=True)
+    headers = stack.auth_headers
+    figures.append(
+        asyncio.run(bench_http(url, "cache hit", args.requests, 1, args.max_tokens, headers=headers, cached=True))
+    )
+    figures.append(asyncio.run(bench_first_token(url, args.requests, args.max_tokens, headers=headers)))
+    print("  cache hits and first tokens done", flush=True)
     return figures
 
 
@@ -144,6 +178,11 @@ def ratios(figures: list[Measurement]) -> dict[str, float]:
                 dynamic.requests_per_s / single.requests_per_s, 2
             )
             out[f"p50 dynamic/batch=1 at c={concurrency}"] = round(dynamic.p50_ms / single.p50_ms, 2)
+    dynamic_alone = by_key[("dynamic", 1)]
+    out["p50 cache hit / dynamic at c=1"] = round(by_key[("cache hit", 1)].p50_ms / dynamic_alone.p50_ms, 2)
+    out["p50 first streamed token / whole answer at c=1"] = round(
+        by_key[("first token", 1)].p50_ms / dynamic_alone.p50_ms, 2
+    )
     model = by_key[("model in-process", 1)]
     out["p50 HTTP batch=1 c=1 / model in-process"] = round(by_key[("batch=1", 1)].p50_ms / model.p50_ms, 2)
     return out
