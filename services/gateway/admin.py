@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.gateway.auth import Authenticator, KeysAdmin
+from services.gateway.dependencies import from_state
 from services.gateway.errors import ApiError
 from services.gateway.protocol import ErrorResponse
 from shared.db.keys import ApiKey, KeyStore
@@ -68,18 +69,8 @@ def unix(moment: datetime) -> int:
     return int(moment.timestamp())
 
 
-def get_key_store(request: Request) -> KeyStore:
-    store: KeyStore = request.app.state.keys
-    return store
-
-
-def get_authenticator(request: Request) -> Authenticator:
-    authenticator: Authenticator = request.app.state.auth
-    return authenticator
-
-
-KeyStoreDep = Annotated[KeyStore, Depends(get_key_store)]
-AuthenticatorDep = Annotated[Authenticator, Depends(get_authenticator)]
+KeyStoreDep = Annotated[KeyStore, Depends(from_state("keys", KeyStore))]
+AuthenticatorDep = Annotated[Authenticator, Depends(from_state("auth", Authenticator))]
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404)}
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERRORS)  # type: ignore[arg-type]

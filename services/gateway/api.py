@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.background import BackgroundTask
 
 from services.gateway.auth import ChatCaller, FeedbackCaller, ModelsReader, Principal, RequestsCaller
+from services.gateway.dependencies import from_state
 from services.gateway.errors import ApiError, error_from_result
 from services.gateway.feedback import FeedbackReceipt, FeedbackRequest, send_feedback
 from services.gateway.idempotency import REPLAYED_HEADER, IdempotentCompletions, Outcome
@@ -36,36 +37,6 @@ from services.gateway.tracking import RequestAccepted, RequestStatus, fetch_requ
 from shared.registry import RegistryView
 
 
-def get_chat_service(request: Request) -> ChatService:
-    """The app's chat service (built in the lifespan)."""
-    service: ChatService = request.app.state.chat
-    return service
-
-
-def get_registry(request: Request) -> RegistryView:
-    """The app's view of the model registry (fed by the broker)."""
-    registry: RegistryView = request.app.state.registry
-    return registry
-
-
-def get_engine(request: Request) -> AsyncEngine:
-    """The app's PostgreSQL engine (the exporter's tables, read only)."""
-    engine: AsyncEngine = request.app.state.engine
-    return engine
-
-
-def get_idempotent(request: Request) -> IdempotentCompletions:
-    """The app's runner of completions that carry an Idempotency-Key."""
-    idempotent: IdempotentCompletions = request.app.state.idempotent
-    return idempotent
-
-
-def get_admission(request: Request) -> Admission:
-    """The app's limits on requests, keys and in-flight work."""
-    admission: Admission = request.app.state.admission
-    return admission
-
-
 @dataclass(frozen=True)
 class Completions:
     """What answering a completion takes: the chat service, the idempotent runner and the limits."""
@@ -76,12 +47,13 @@ class Completions:
 
 
 def get_completions(request: Request) -> Completions:
-    return Completions(get_chat_service(request), get_idempotent(request), get_admission(request))
+    state = request.app.state
+    return Completions(state.chat, state.idempotent, state.admission)
 
 
-ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
-RegistryDep = Annotated[RegistryView, Depends(get_registry)]
-EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
+ChatServiceDep = Annotated[ChatService, Depends(from_state("chat", ChatService))]
+RegistryDep = Annotated[RegistryView, Depends(from_state("registry", RegistryView))]
+EngineDep = Annotated[AsyncEngine, Depends(from_state("engine", AsyncEngine))]
 CompletionsDep = Annotated[Completions, Depends(get_completions)]
 PreferHeader = Annotated[str | None, Header(description="`respond-async`: answer 202 at once, poll the request.")]
 KeyHeader = Annotated[

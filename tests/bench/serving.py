@@ -122,12 +122,12 @@ async def bench_first_token(url: str, count: int, max_tokens: int, *, headers: d
             begin = time.perf_counter()
             async with client.stream("POST", url, json=body) as response:
                 response.raise_for_status()
-                async for line in response.aiter_lines():
-                    if '"content":"' in line and '"content":""' not in line:  # the first text, not the role
-                        latencies.append((time.perf_counter() - begin) * 1000)
-                        break
-                async for _ in response.aiter_lines():
-                    pass
+                first_text_ms = None
+                async for line in response.aiter_lines():  # read to the end: the next request waits for it
+                    if first_text_ms is None and '"content":"' in line and '"content":""' not in line:
+                        first_text_ms = (time.perf_counter() - begin) * 1000  # the first text, not the role
+                assert first_text_ms is not None, "the stream carried no text"
+                latencies.append(first_text_ms)
     return measurement("first token", 1, latencies, 0, time.perf_counter() - started)
 
 

@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,12 +140,29 @@ class Stack:
         """Wait for every service's /readyz (the gateway's covers the whole path)."""
         deadline = time.monotonic() + timeout
         for service in self.services:
-            while not self._ready(service):
-                if service.process is not None and service.process.poll() is not None:
-                    raise RuntimeError(f"{service.name} exited:\n{service.log_tail()}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{service.name} not ready:\n{service.log_tail()}")
-                time.sleep(0.5)
+            self.wait_for(service, deadline)
+
+    def wait_for(self, service: Service, deadline: float) -> None:
+        """Wait until `service` answers /readyz with 200; fail if it exits or `deadline` passes."""
+        while not self._ready(service):
+            if service.process is not None and service.process.poll() is not None:
+                raise RuntimeError(f"{service.name} exited:\n{service.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{service.name} not ready:\n{service.log_tail()}")
+            time.sleep(0.5)
+
+    @contextmanager
+    def extra_gateway(self, name: str, port: int, instance: int, **settings: str) -> Iterator[Service]:
+        """Another gateway (its own reply partition and port) on this stack, ready; stopped cleanly after."""
+        env = {"AUTOGLM_GATEWAY__INSTANCE": str(instance), "AUTOGLM_GATEWAY__PORT": str(port), **settings}
+        gateway = Service(name, "services.gateway", port, env)
+        gateway.start(self.env)
+        try:
+            self.wait_for(gateway, time.monotonic() + 120)
+            yield gateway
+        finally:
+            code = gateway.stop()
+            assert code in (0, -15), gateway.log_tail()  # -15: uvicorn re-raises SIGTERM after a clean stop
 
     @staticmethod
     def _ready(service: Service) -> bool:

@@ -237,22 +237,9 @@ def test_max_tokens_over_the_models_bound_is_a_400(stack: Stack) -> None:
 @pytest.fixture
 def small_gateway(stack: Stack) -> Iterator[Service]:
     """A second gateway (instance 1) that lets one request in flight at a time."""
-    port = PORT_BASE + 120
-    gateway = Service(
-        "gateway-small", "services.gateway", port,
-        {"AUTOGLM_GATEWAY__INSTANCE": "1", "AUTOGLM_GATEWAY__PORT": str(port),
-         "AUTOGLM_GATEWAY__LIMITS__MAX_IN_FLIGHT": "1"},
-    )  # fmt: skip
-    gateway.start(stack.env)
-    try:
-        deadline = time.monotonic() + 120
-        while not Stack._ready(gateway):
-            assert gateway.process is not None and gateway.process.poll() is None, gateway.log_tail()
-            assert time.monotonic() < deadline, gateway.log_tail()
-            time.sleep(0.5)
+    settings = {"AUTOGLM_GATEWAY__LIMITS__MAX_IN_FLIGHT": "1"}
+    with stack.extra_gateway("gateway-small", PORT_BASE + 120, instance=1, **settings) as gateway:
         yield gateway
-    finally:
-        assert gateway.stop() in (0, -15), gateway.log_tail()
 
 
 async def test_beyond_max_in_flight_the_gateway_answers_503_with_retry_after(

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.harness import PORT_BASE, Service, Stack
+from tests.e2e.harness import PORT_BASE, Stack
 from tests.e2e.test_pipeline import fetch_row
 
 QUESTION = [{"role": "user", "content": "Tell me about the lighthouse"}]
@@ -141,20 +141,8 @@ def test_a_deterministic_request_is_answered_from_the_cache(client: openai.OpenA
 @pytest.fixture
 def second_gateway(stack: Stack) -> Iterator[str]:
     """Another gateway instance (reply partition 1) on its own port, against the same Kafka."""
-    port = PORT_BASE + 50
-    gateway = Service(
-        "gateway-1", "services.gateway", port, {"AUTOGLM_GATEWAY__INSTANCE": "1", "AUTOGLM_GATEWAY__PORT": str(port)}
-    )
-    gateway.start(stack.env)
-    try:
-        deadline = time.monotonic() + 120
-        while not Stack._ready(gateway):
-            assert gateway.process is not None and gateway.process.poll() is None, gateway.log_tail()
-            assert time.monotonic() < deadline, gateway.log_tail()
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        gateway.stop()
+    with stack.extra_gateway("gateway-1", PORT_BASE + 50, instance=1) as gateway:
+        yield f"http://127.0.0.1:{gateway.port}"
 
 
 UNCLAIMED = 'autoglm_gateway_replies_total{outcome="unclaimed"}'
