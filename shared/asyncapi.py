@@ -9,7 +9,16 @@ from faststream.specification import AsyncAPI
 from prometheus_client import CollectorRegistry
 
 from shared import topics
-from shared.messages import CancelRequest, ChatRequest, ChatResult, DeadLetter, Feedback, ModelCard, RoutedJob
+from shared.messages import (
+    CancelRequest,
+    ChatRequest,
+    ChatResult,
+    DeadLetter,
+    Feedback,
+    ModelCard,
+    Reply,
+    RoutedJob,
+)
 
 
 def build_asyncapi() -> dict[str, Any]:
@@ -45,7 +54,10 @@ def describe_topics(broker: KafkaBroker, pools: dict[str, Any]) -> None:
     documented = {
         topics.REQUESTS: (ChatRequest, "Chat requests: publish here to ask for a completion."),
         topics.RESULTS: (ChatResult, "Every request's result, keyed by request id."),
-        topics.REPLIES: (ChatResult, "Results for waiting gateways; partition = gateway instance."),
+        topics.REPLIES: (
+            Reply,
+            "For waiting gateways (partition = gateway instance): ChatChunks of streamed requests, then ChatResults.",
+        ),
         topics.DEADLETTER: (DeadLetter, "Messages that could not be processed, with the reason."),
         topics.CONTROL: (CancelRequest, "Cancellations, read by every router and worker."),
         topics.FEEDBACK: (Feedback, "Clients' scores of completions, keyed by request id."),

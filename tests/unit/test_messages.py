@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
 from pydantic import ValidationError
 
+from shared import topics
+from shared.asyncapi import build_asyncapi
 from shared.messages import SCHEMA_VERSION, ChatMessage, ChatRequest, utcnow
 
 
@@ -39,3 +42,10 @@ def test_deadline() -> None:
 def test_unknown_fields_from_newer_producers_are_ignored() -> None:
     body = '{"messages": [{"role": "user", "content": "hi"}], "future_field": 1}'
     assert ChatRequest.model_validate_json(body).messages[0].content == "hi"
+
+
+def test_the_asyncapi_document_covers_every_topic_and_the_stream_chunks() -> None:
+    document = json.dumps(build_asyncapi())
+    for topic in (topics.REQUESTS, topics.RESULTS, topics.REPLIES, topics.CONTROL, topics.FEEDBACK, topics.REGISTRY):
+        assert topic in document
+    assert "ChatChunk" in document and "ChatResult" in document  # what a gateway's reply partition carries
