@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 
 from aiokafka import ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, TopicPartition
 from faststream.kafka.annotations import KafkaMessage
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from services.router.breaker import CircuitBreaker
@@ -28,6 +31,7 @@ from shared.registry import RegistryView
 from shared.settings import CommonSettings
 
 logger = logging.getLogger(__name__)
+TRACER = trace.get_tracer(__name__)
 
 GROUP_ID = "autoglm-router"
 MAX_BATCH = 64
@@ -87,13 +91,13 @@ def register_handlers(broker: KafkaBroker, settings: CommonSettings, state: Pool
         """Score the batch and send each request to its pool's jobs topic; on failure read it again."""
         records: tuple[ConsumerRecord, ...] = message.raw_message
         try:
-            requests = await parse_requests(broker, records)
+            parsed = await parse_requests(broker, records)
             view = await state.view()
-            scores = score_batch(requests)
+            scores = score_batch([request for _, request in parsed])
             await asyncio.gather(
                 *(
-                    route_one(broker, settings, cancelled, request=request, score=score, view=view)
-                    for request, score in zip(requests, scores, strict=True)
+                    traced(record, route_one(broker, settings, cancelled, request=request, score=score, view=view))
+                    for (record, request), score in zip(parsed, scores, strict=True)
                 )
             )
         except Exception:
@@ -124,12 +128,22 @@ def score_batch(requests: list[ChatRequest]) -> list[Score]:
     return [score_request(request) for request in requests]
 
 
-async def parse_requests(broker: KafkaBroker, records: tuple[ConsumerRecord, ...]) -> list[ChatRequest]:
-    """Valid requests of a batch; anything else is dead-lettered with the reason, and the batch goes on."""
+async def traced(record: ConsumerRecord, work: Awaitable[None]) -> None:
+    """Run `work` in a span continuing the record's trace: a batch has no single trace of its own, and the
+    job published inside carries this one on to the worker."""
+    headers = {key: value.decode("latin-1") for key, value in record.headers or ()}
+    with TRACER.start_as_current_span("route request", context=propagate.extract(headers), kind=SpanKind.CONSUMER):
+        await work
+
+
+async def parse_requests(
+    broker: KafkaBroker, records: tuple[ConsumerRecord, ...]
+) -> list[tuple[ConsumerRecord, ChatRequest]]:
+    """Valid requests of a batch with their records; anything else is dead-lettered with the reason."""
     requests = []
     for record in records:
         try:
-            requests.append(ChatRequest.model_validate_json(record.value))
+            requests.append((record, ChatRequest.model_validate_json(record.value)))
         except ValidationError as error:
             await publish_dead_letter(
                 broker, service="router", source_topic=record.topic, body=record.value, error=error
