@@ -33,7 +33,7 @@ HARD = "Explain step by step why this proof of the theorem is wrong, and derive 
 TUNED_ROUTER = {
     "AUTOGLM_ROUTING__SPILL__MAX_LAG": "2",
     "AUTOGLM_ROUTING__SPILL__BAND": "1.0",
-    "AUTOGLM_ROUTING__SPILL__LAG_CACHE_S": "0.2",
+    "AUTOGLM_ROUTING__SPILL__LAG_CACHE_S": "0.01",  # a fresh reading for every batch
     "AUTOGLM_ROUTING__BREAKER__MIN_REQUESTS": "2",
     "AUTOGLM_ROUTING__BREAKER__OPEN_S": "3",
 }
