@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from faststream.asgi import AsgiFastStream
@@ -9,6 +10,8 @@ from prometheus_client import CollectorRegistry
 
 from services.router.config import RouterSettings
 from services.router.handlers import register_handlers
+from services.router.learned import load_scorer
+from services.router.scoring import use_scorer
 from shared.kafka import ensure_topics, make_broker
 from shared.registry import RegistryView
 from shared.service import ops_routes, setup_tracing
@@ -34,10 +37,18 @@ def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
     async def create_topics() -> None:
         await ensure_topics(settings)
 
+    async def install_scorer() -> None:
+        options = settings.router.scorer
+        scorer = await asyncio.to_thread(
+            load_scorer, options.artefact, settings.routing.threshold, options.band,
+            options.embedding_cache_size, options.embedding_batch_size,
+        )  # fmt: skip
+        use_scorer(scorer)
+
     return AsgiFastStream(
         broker,
         asgi_routes=ops_routes(SERVICE, registry, ready),
-        on_startup=[create_topics],
+        on_startup=[create_topics, install_scorer],
         asyncapi_path="/asyncapi",
         logger=logging.getLogger(f"autoglm.app.{SERVICE}"),
     )
