@@ -240,9 +240,10 @@ def write_curve_png(evaluation: Evaluation, path: Path) -> None:
 def format_report(evaluation: Evaluation) -> str:
     """The figures `autoglm router eval` prints."""
     s = evaluation.summary()
+    all_auc = "n/a" if s["auc_embedding_on_all"] is None else f"{s['auc_embedding_on_all']:.3f}"
     lines = [
         f"held-out rows: {s['rows']}  threshold: {s['threshold']}  embedded: {s['embedded_share']:.1%} of prompts",
-        f"accuracy: {s['accuracy']:.3f}  AUC: {s['auc']:.3f} (embedding on all {s['auc_embedding_on_all'] or 0:.3f}, "
+        f"accuracy: {s['accuracy']:.3f}  AUC: {s['auc']:.3f} (embedding on all {all_auc}, "
         f"length only {s['auc_length_only']:.3f}, random 0.500)",
         f"calibration: Brier {s['brier']:.3f}  ECE {s['ece']:.3f}",
         f"at heavy share {s['heavy_share']:.1%}, hard prompts caught: learned {s['hard_caught']:.1%}, "
