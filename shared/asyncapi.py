@@ -29,17 +29,20 @@ def build_asyncapi() -> dict[str, Any]:
     from services.gateway.handlers import register_handlers as gateway_handlers
     from services.gateway.replies import ReplyWaiters
     from services.router.config import RouterSettings
+    from services.router.handlers import PoolState
     from services.router.handlers import register_handlers as router_handlers
+    from services.router.load import PoolLoad
     from services.worker.config import WorkerSettings
     from services.worker.handlers import register_handlers as worker_handlers
     from services.worker.metrics import WorkerMetrics
     from shared.kafka import make_broker
+    from shared.registry import RegistryView
     from shared.settings import load_settings
 
     settings = load_settings(RouterSettings)
     broker: KafkaBroker = make_broker(settings, service="bus", registry=CollectorRegistry())
     describe_topics(broker, settings.pools)
-    router_handlers(broker, settings)
+    router_handlers(broker, settings, PoolState(settings, RegistryView(), PoolLoad(settings)))
     for pool in settings.pools:
         worker_settings = load_settings(WorkerSettings, worker={"pool": pool})
         worker_handlers(broker, worker_settings, {}, WorkerMetrics.create(CollectorRegistry(), pool))
@@ -63,6 +66,10 @@ def describe_topics(broker: KafkaBroker, pools: dict[str, Any]) -> None:
         topics.FEEDBACK: (Feedback, "Clients' scores of completions, keyed by request id."),
         topics.REGISTRY: (ModelCard, "Live model cards (compacted; key instance_id/model_id; null = withdrawn)."),
         **{topics.jobs_topic(pool): (RoutedJob, f"Routed jobs for the {pool} pool.") for pool in pools},
+        **{
+            topics.priority_topic(pool): (RoutedJob, f"Urgent jobs of the {pool} pool, run before the normal ones.")
+            for pool in pools
+        },
         **{
             topics.retry_topic(pool): (RoutedJob, f"Jobs of the {pool} pool awaiting another attempt (headers).")
             for pool in pools

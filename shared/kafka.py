@@ -7,6 +7,7 @@ import contextlib
 import logging
 from typing import Any
 
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faststream import ExceptionMiddleware
@@ -78,6 +79,7 @@ def topic_partitions(settings: CommonSettings) -> dict[str, int]:
     }
     for name, pool in settings.pools.items():
         wanted[topics.jobs_topic(name)] = pool.partitions
+        wanted[topics.priority_topic(name)] = pool.partitions
         wanted[topics.retry_topic(name)] = pool.partitions
     wanted[topics.REGISTRY] = 1
     wanted[topics.CONTROL] = 1
@@ -152,3 +154,13 @@ async def publish_result(broker: KafkaBroker, result: ChatResult, reply_to: Repl
             )
         )
     await asyncio.gather(*sends)  # both acknowledged (acks=all) before the caller commits
+
+
+def rewind(consumer: Any, records: tuple[ConsumerRecord, ...]) -> None:
+    """Seek every partition of the batch back to its earliest record, so the batch is read again."""
+    earliest: dict[TopicPartition, int] = {}
+    for record in records:
+        partition = TopicPartition(record.topic, record.partition)
+        earliest[partition] = min(record.offset, earliest.get(partition, record.offset))
+    for partition, offset in earliest.items():
+        consumer.seek(partition, offset)

@@ -108,6 +108,31 @@ class ChatRequest(Envelope):
         return self.deadline is not None and (now or utcnow()) >= self.deadline
 
 
+RoutingPolicy = Literal[
+    "threshold", "explicit_model", "explicit_pool", "spill", "no_live_workers", "breaker_fallback", "pool_unavailable"
+]
+
+
+class RoutingExplanation(BaseModel):
+    """Why the router chose a pool: the score, the policy that decided, and what each feature added."""
+
+    policy: RoutingPolicy = Field(
+        description="The rule that decided: `threshold` (score vs threshold), `explicit_model` / `explicit_pool` "
+        "(named in the request), `spill` (a borderline request left a backlogged pool), `no_live_workers` (the "
+        "scored pool had no live worker), `breaker_fallback` (its breaker was open), `pool_unavailable` (no pool).",
+        examples=["threshold"],
+    )
+    score: float = Field(ge=0.0, le=1.0, description="Complexity score in [0, 1].")
+    threshold: float = Field(ge=0.0, le=1.0, description="The score at or above which `auto` goes heavy.")
+    contributions: dict[str, float] = Field(
+        default_factory=dict, description="Each feature's contribution to the score.", examples=[{"length": 0.4}]
+    )
+    scored_pool: str | None = Field(default=None, description="The pool the score (or the request) asked for.")
+    pool: str | None = Field(default=None, description="The pool chosen (None: none could take it).")
+    lane: Literal["normal", "priority"] = Field(default="normal", description="`priority`: the priority topic.")
+    notes: list[str] = Field(default_factory=list, description="What else the router saw (lag, breaker states).")
+
+
 class RoutedJob(Envelope):
     """A request with the router's decision: topic `autoglm.jobs.<pool>` (router -> worker)."""
 
@@ -117,6 +142,7 @@ class RoutedJob(Envelope):
     score: float = Field(ge=0.0, le=1.0, description="Complexity score in [0, 1].")
     reasons: list[str] = Field(default_factory=list, description="Why this pool was chosen.")
     routed_at: datetime = Field(default_factory=utcnow)
+    routing: RoutingExplanation | None = Field(default=None, description="The router's explanation.")
 
 
 class Usage(BaseModel):
@@ -167,6 +193,7 @@ class ChatResult(Envelope):
     probe: bool = False
     attempts: int = Field(default=1, ge=1, description="Attempt of the worker that produced this result.")
     reasons: list[str] = Field(default_factory=list, description="Why the router chose this pool.")
+    routing: RoutingExplanation | None = Field(default=None, description="The router's explanation of its choice.")
 
     @property
     def ok(self) -> bool:

@@ -83,12 +83,52 @@ class PoolConfig(BaseModel):
         return self
 
 
+class SpillConfig(BaseModel):
+    """Load-aware spill: borderline requests leave a pool whose backlog passed a bound (nothing is dropped)."""
+
+    enabled: bool = True
+    max_lag: int = Field(
+        default=64, ge=0, description="Jobs waiting in a pool's topics (its workers' consumer lag) before it spills."
+    )
+    max_queue_ms: float = Field(
+        default=10_000.0, gt=0, description="Recent queue wait of a pool's results (moving average) before it spills."
+    )
+    band: float = Field(
+        default=0.15, ge=0.0, le=1.0, description="A score within this distance of the threshold is borderline."
+    )
+    lag_cache_s: float = Field(default=1.0, gt=0, description="How long a lag reading is reused.")
+
+
+class BreakerConfig(BaseModel):
+    """Per-pool circuit breaker, fed by the pool's results and the registry."""
+
+    enabled: bool = True
+    error_rate: float = Field(default=0.5, gt=0.0, le=1.0, description="Server-error share that opens the breaker.")
+    window_s: float = Field(default=30.0, gt=0, description="Results older than this are forgotten.")
+    min_requests: int = Field(default=10, ge=1, description="Fewest results in the window before the rate counts.")
+    open_s: float = Field(default=15.0, gt=0, description="Open this long, then half-open: one probe goes through.")
+
+
+class PriorityConfig(BaseModel):
+    """Priority lane: requests at or above `min_priority` go to `autoglm.jobs.<pool>.priority`."""
+
+    enabled: bool = True
+    min_priority: int = Field(default=5, ge=0, le=9)
+
+
 class RoutingConfig(BaseModel):
-    """Complexity routing: score below the threshold goes to the light pool."""
+    """Complexity routing and its policies: threshold, live pools, spill, breaker, fallback, priority."""
 
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     light_pool: str = "light"
     heavy_pool: str = "heavy"
+    spill: SpillConfig = Field(default_factory=SpillConfig)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    fallback: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="Pool to use while a pool's breaker is open; missing or null: a fast pool_unavailable error.",
+    )
+    priority: PriorityConfig = Field(default_factory=PriorityConfig)
 
 
 class Backoff(BaseModel):
@@ -148,6 +188,9 @@ class CommonSettings(BaseSettings):
             pool = getattr(self.routing, field)
             if pool not in self.pools:
                 raise ValueError(f"routing.{field}: unknown pool {pool!r} (pools: {sorted(self.pools)})")
+        for pool, fallback in self.routing.fallback.items():
+            if pool not in self.pools or (fallback is not None and fallback not in self.pools):
+                raise ValueError(f"routing.fallback: {pool!r} -> {fallback!r} names an unknown pool")
         return self
 
     @classmethod

@@ -20,6 +20,14 @@ def jobs_topic(pool: str) -> str:
     return f"{JOBS_PREFIX}{pool}"
 
 
+PRIORITY_SUFFIX = ".priority"
+
+
+def priority_topic(pool: str) -> str:
+    """Topic of `pool`'s urgent jobs (RoutedJob): its workers run them before the normal ones."""
+    return f"{JOBS_PREFIX}{pool}{PRIORITY_SUFFIX}"
+
+
 RETRY_PREFIX = "autoglm.retry."
 
 REGISTRY = "autoglm.registry"

@@ -62,6 +62,7 @@ def result_row(result: ChatResult) -> dict[str, Any]:
         "error_message": result.error.message if result.error else None,
         "attempts": result.attempts,
         "reasons": result.reasons,
+        "routing": result.routing.model_dump(mode="json") if result.routing else None,
         "created_at": result.created_at,
         "completed_at": result.completed_at,
     }

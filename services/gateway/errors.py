@@ -41,12 +41,13 @@ class ApiError(Exception):
 
 
 RESULT_ERROR_STATUS = {"invalid_request_error": 400, "cancelled": 409, "timeout": 504}
+RESULT_CODE_STATUS = {"model_not_found": 404, "pool_unavailable": 503}
 
 
 def error_from_result(result: ChatResult) -> ApiError:
     """The HTTP error for a result that carries one."""
     assert result.error is not None
-    status = 404 if result.error.code == "model_not_found" else RESULT_ERROR_STATUS.get(result.error.type, 500)
+    status = RESULT_CODE_STATUS.get(result.error.code or "") or RESULT_ERROR_STATUS.get(result.error.type, 500)
     return ApiError(status, result.error.message, result.error.type, None, result.error.code)
 
 

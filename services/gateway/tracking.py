@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.gateway.errors import ApiError
 from services.gateway.protocol import ChatCompletionResponse, ErrorInfo
 from shared.db.tables import RequestRow, ResultRow
-from shared.messages import ChatMessage, ChatResult, Choice, Timings, Usage
+from shared.messages import ChatMessage, ChatResult, Choice, RoutingExplanation, RoutingPolicy, Timings, Usage
 from shared.messages import ErrorInfo as ResultError
 
 logger = logging.getLogger(__name__)
@@ -41,12 +41,28 @@ class RequestAccepted(BaseModel):
 
 
 class Routing(BaseModel):
-    """The router's decision for a request."""
+    """The router's decision for a request, with its explanation (None for results stored before 0004)."""
 
     pool: str | None = None
     model: str | None = Field(default=None, description="The model that served it.")
     score: float | None = Field(default=None, description="Complexity score in [0, 1].")
     reasons: list[str] = Field(default_factory=list)
+    policy: RoutingPolicy | None = Field(default=None, description="The routing policy that decided.")
+    threshold: float | None = Field(default=None, description="The threshold the score was compared with.")
+    contributions: dict[str, float] = Field(default_factory=dict, description="Each feature's contribution.")
+    scored_pool: str | None = Field(default=None, description="The pool the score or the request asked for.")
+    lane: Literal["normal", "priority"] | None = None
+    notes: list[str] = Field(default_factory=list, description="What else the router saw (lag, breakers).")
+
+    @classmethod
+    def of(cls, result: ChatResult) -> Routing:
+        """The routing object of a stored result."""
+        routing = cls(pool=result.pool, model=result.model, score=result.score, reasons=result.reasons)
+        if result.routing is not None:
+            explained = result.routing.model_dump(exclude={"pool", "score"})
+            routing = routing.model_copy(update=explained)
+            routing.score = result.score if result.score is not None else result.routing.score
+        return routing
 
 
 class RequestStatus(BaseModel):
@@ -133,6 +149,7 @@ def result_from_row(row: RowMapping) -> ChatResult:
         completed_at=row["completed_at"],
         attempts=row["attempts"],
         reasons=row["reasons"] or [],
+        routing=RoutingExplanation.model_validate(row["routing"]) if row.get("routing") else None,
     )
 
 
@@ -155,7 +172,7 @@ def request_status(stored: StoredRequest) -> RequestStatus:
     status = RequestStatus(id="", status=state_of(result))
     if result is not None:
         status.id, status.created_at, status.completed_at = result.request_id, result.created_at, result.completed_at
-        status.routing = Routing(pool=result.pool, model=result.model, score=result.score, reasons=result.reasons)
+        status.routing = Routing.of(result)
         status.attempts = result.attempts
         if result.error is None:
             status.result = ChatCompletionResponse.from_result(result)

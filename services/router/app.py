@@ -9,8 +9,9 @@ from faststream.asgi import AsgiFastStream
 from prometheus_client import CollectorRegistry
 
 from services.router.config import RouterSettings
-from services.router.handlers import register_handlers
+from services.router.handlers import PoolState, register_handlers
 from services.router.learned import load_scorer
+from services.router.load import PoolLoad
 from services.router.scoring import use_scorer
 from shared.kafka import ensure_topics, make_broker
 from shared.registry import RegistryView
@@ -26,16 +27,17 @@ def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
     setup_tracing(SERVICE)
     registry = CollectorRegistry()
     broker = make_broker(settings, service=SERVICE, registry=registry)
-    register_handlers(broker, settings)
-    # Routing does not consult the registry yet; the view is kept current (and in the broker's context
-    # as `registry`) so the router can learn to skip pools that have no live worker.
-    RegistryView().subscribe(broker, title="model registry (router)")
+    registry_view = RegistryView()
+    registry_view.subscribe(broker, title="model registry (router)")  # live pools: routing skips dead ones
+    load = PoolLoad(settings)
+    register_handlers(broker, settings, PoolState(settings, registry_view, load))
 
     async def ready() -> str | None:
         return None if await broker.ping(timeout=2.0) else "Kafka is not reachable"
 
-    async def create_topics() -> None:
+    async def create_topics_and_read_lag() -> None:
         await ensure_topics(settings)
+        await load.start()
 
     async def install_scorer() -> None:
         options = settings.router.scorer
@@ -48,7 +50,8 @@ def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
     return AsgiFastStream(
         broker,
         asgi_routes=ops_routes(SERVICE, registry, ready),
-        on_startup=[create_topics, install_scorer],
+        on_startup=[create_topics_and_read_lag, install_scorer],
+        on_shutdown=[load.stop],
         asyncapi_path="/asyncapi",
         logger=logging.getLogger(f"autoglm.app.{SERVICE}"),
     )

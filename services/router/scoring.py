@@ -70,6 +70,8 @@ class RequestScorer(Protocol):
 
     def score(self, request: ChatRequest) -> Score: ...
 
+    def score_batch(self, requests: list[ChatRequest]) -> list[Score]: ...
+
 
 _installed: list[RequestScorer] = []  # the router's learned scorer, when it loaded
 
@@ -84,6 +86,13 @@ def use_scorer(scorer: RequestScorer | None) -> None:
 def score_request(request: ChatRequest) -> Score:
     """Score a request's complexity with the installed scorer, or the heuristic without one."""
     return _installed[0].score(request) if _installed else heuristic_score(request)
+
+
+def score_batch(requests: list[ChatRequest]) -> list[Score]:
+    """One score per request; the learned scorer embeds the batch's borderline prompts in one pass."""
+    if _installed:
+        return _installed[0].score_batch(requests)
+    return [heuristic_score(request) for request in requests]
 
 
 def heuristic_score(request: ChatRequest) -> Score:

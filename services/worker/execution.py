@@ -62,6 +62,7 @@ def base_result(job: RoutedJob, taken_at: datetime) -> ChatResult:
         pool=job.pool,
         score=job.score,
         reasons=job.reasons,
+        routing=job.routing,
         created_at=job.request.created_at,
         probe=job.request.probe,
         timings=Timings(queue_ms=elapsed_ms(job.request.created_at, taken_at)),

@@ -15,7 +15,7 @@ import time
 from itertools import chain
 from typing import Any
 
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -27,7 +27,7 @@ from services.worker.metrics import WorkerMetrics
 from services.worker.streaming import StreamRelay
 from shared import topics
 from shared.cancellation import CancelledRequests
-from shared.kafka import FETCH_MAX_WAIT_MS, publish_dead_letter, publish_result
+from shared.kafka import FETCH_MAX_WAIT_MS, publish_dead_letter, publish_result, rewind
 from shared.messages import RoutedJob
 from shared.settings import Batching, RetryConfig
 
@@ -54,17 +54,21 @@ def register_handlers(
     cancelled = CancelledRequests()
     cancelled.subscribe(broker, f"{SERVICE}-{pool}")
 
+    async def run_and_settle(records: tuple[ConsumerRecord, ...]) -> None:
+        jobs = await parse_jobs(broker, records)
+        relay = StreamRelay(broker, [job for job, _ in jobs])
+        outcomes = await run_batch([job for job, _ in jobs], models, cancelled, relay)
+        await relay.flush()  # every chunk before its result, on the same partition
+        metrics.observe(pool, outcomes)
+        await asyncio.gather(
+            *(settle(job, outcome, attempt) for (job, attempt), outcome in zip(jobs, outcomes, strict=True))
+        )
+
     async def process(message: KafkaMessage, records: tuple[ConsumerRecord, ...]) -> None:
-        """Run records and settle every outcome; on any failure rewind so nothing is lost."""
+        """Run records (priority lane first) and settle every outcome; on any failure rewind so nothing is lost."""
         try:
-            jobs = await parse_jobs(broker, records)
-            relay = StreamRelay(broker, [job for job, _ in jobs])
-            outcomes = await run_batch([job for job, _ in jobs], models, cancelled, relay)
-            await relay.flush()  # every chunk before its result, on the same partition
-            metrics.observe(pool, outcomes)
-            await asyncio.gather(
-                *(settle(job, outcome, attempt) for (job, attempt), outcome in zip(jobs, outcomes, strict=True))
-            )
+            for lane in split_lanes(records):
+                await run_and_settle(lane)
         except Exception:
             logger.exception("batch failed; it will be redelivered in %.1f s", settle.backoff_s(1))
             await asyncio.sleep(settle.backoff_s(1))
@@ -74,6 +78,7 @@ def register_handlers(
         await message.ack()
 
     @broker.subscriber(
+        topics.priority_topic(pool),  # one consumer for both lanes: one commit covers the whole batch
         topics.jobs_topic(pool),
         group_id=group_id(pool),
         batch=True,
@@ -85,10 +90,11 @@ def register_handlers(
         title=f"run jobs of pool {pool}",
     )
     async def handle_jobs(message: KafkaMessage) -> None:
-        """Top the batch up to the batching window, then run it."""
+        """Top the batch up to the batching window, take every urgent job already fetched, then run it."""
         records: tuple[ConsumerRecord, ...] = message.raw_message
         try:
             records = await top_up(message.consumer, records, batching)
+            records = await with_fetched_priority_jobs(message.consumer, records, pool)
         except Exception:
             logger.exception("polling for more jobs failed; running the batch as it is")
         await process(message, records)
@@ -177,14 +183,25 @@ async def top_up(consumer: Any, records: tuple[ConsumerRecord, ...], batching: B
     return tuple(batch)
 
 
-def rewind(consumer: Any, records: tuple[ConsumerRecord, ...]) -> None:
-    """Seek every partition of the batch back to its earliest record, so the batch is read again."""
-    earliest: dict[TopicPartition, int] = {}
-    for record in records:
-        partition = TopicPartition(record.topic, record.partition)
-        earliest[partition] = min(record.offset, earliest.get(partition, record.offset))
-    for partition, offset in earliest.items():
-        consumer.seek(partition, offset)
+def split_lanes(records: tuple[ConsumerRecord, ...]) -> list[tuple[ConsumerRecord, ...]]:
+    """The batch as (priority jobs, normal jobs), leaving out an empty lane: urgent work runs first."""
+    urgent = tuple(record for record in records if record.topic.endswith(topics.PRIORITY_SUFFIX))
+    normal = tuple(record for record in records if not record.topic.endswith(topics.PRIORITY_SUFFIX))
+    return [lane for lane in (urgent, normal) if lane]
+
+
+async def with_fetched_priority_jobs(
+    consumer: Any, records: tuple[ConsumerRecord, ...], pool: str
+) -> tuple[ConsumerRecord, ...]:
+    """Add the priority jobs the consumer has already fetched, so they do not wait for another batch."""
+    getmany = getattr(consumer, "getmany", None)  # absent on the in-memory test broker
+    if getmany is None:
+        return records
+    urgent = [partition for partition in consumer.assignment() if partition.topic == topics.priority_topic(pool)]
+    if not urgent:
+        return records
+    more = await getmany(*urgent, timeout_ms=0)
+    return records + tuple(chain.from_iterable(more.values()))
 
 
 async def parse_jobs(broker: KafkaBroker, records: tuple[ConsumerRecord, ...]) -> list[tuple[RoutedJob, int]]:

@@ -55,6 +55,7 @@ class ResultRow(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, server_default="1")
     reasons: Mapped[list[str]] = mapped_column(JSONB, server_default="[]")
+    routing: Mapped[dict[str, Any] | None] = mapped_column(JSONB, comment="RoutingExplanation (None: not routed)")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

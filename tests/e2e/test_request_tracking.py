@@ -90,11 +90,14 @@ async def test_a_request_a_producer_published_straight_to_kafka_has_a_status(sta
     status = await status_when_finished(stack, request.request_id)
     assert status["status"] == "completed" and status["model"] == "heavy"
     assert status["result"]["choices"][0]["message"]["content"] == result.choices[0].message.content
-    assert status["routing"] == {
+    routing = status["routing"]
+    assert {key: routing[key] for key in ("pool", "model", "score", "reasons", "policy", "scored_pool")} == {
         "pool": "heavy",
         "model": "tiny-heavy",
         "score": result.score,
         "reasons": ["explicit pool"],
+        "policy": "explicit_pool",
+        "scored_pool": "heavy",
     }
     assert status["attempts"] == 1 and status["trace_id"] is None  # a bare producer sends no traceparent
 

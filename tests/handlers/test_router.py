@@ -8,7 +8,17 @@ from faststream.kafka import TestKafkaBroker
 from services.router.app import create_app
 from services.router.config import RouterSettings
 from shared import topics
-from shared.messages import ChatMessage, ChatRequest, ChatResult, DeadLetter, ReplyRoute, RoutedJob
+from shared.messages import (
+    ChatMessage,
+    ChatRequest,
+    ChatResult,
+    DeadLetter,
+    ErrorInfo,
+    ReplyRoute,
+    RoutedJob,
+    new_request_id,
+    utcnow,
+)
 
 
 def request(content: str, model: str = "auto") -> ChatRequest:
@@ -75,3 +85,27 @@ async def test_malformed_message_is_dead_lettered_and_next_request_still_routed(
         first = DeadLetter.model_validate(letters.mock.call_args_list[0].args[0])
         assert first.payload == "{not json" and first.source_topic == topics.REQUESTS
         assert light_jobs.mock.call_count == 1
+
+
+async def test_a_high_priority_request_takes_the_priority_lane_with_its_explanation(app) -> None:
+    async with TestKafkaBroker(app.broker) as br:
+        urgent_jobs = br.subscriber(topics.priority_topic("light"))(lambda m: None)  # type: ignore[arg-type]
+        await br.start()
+        await br.publish(request("hi").model_copy(update={"priority": 9}), topics.REQUESTS)
+        job = RoutedJob.model_validate(urgent_jobs.mock.call_args.args[0])
+    assert job.routing is not None and job.routing.lane == "priority" and job.routing.policy == "threshold"
+    assert job.routing.score == job.score and set(job.routing.contributions) >= {"length", "reasoning"}
+
+
+async def test_failing_results_open_the_breaker_and_auto_requests_go_to_the_fallback(app) -> None:
+    hard = "Explain step by step why this proof is wrong and derive the integral:\n" + "x" * 800
+    failed = ErrorInfo(type="server_error", code="retries_exhausted", message="boom")
+    async with TestKafkaBroker(app.broker) as br:
+        light_jobs = br.subscriber(topics.jobs_topic("light"))(lambda m: None)  # type: ignore[arg-type]
+        await br.start()
+        for _ in range(10):  # breaker.min_requests in the deployment file, all failed
+            result = ChatResult(request_id=new_request_id(), pool="heavy", error=failed, created_at=utcnow())
+            await br.publish(result, topics.RESULTS)
+        await br.publish(request(hard), topics.REQUESTS)
+        job = RoutedJob.model_validate(light_jobs.mock.call_args.args[0])
+    assert job.routing is not None and job.routing.policy == "breaker_fallback" and job.routing.scored_pool == "heavy"

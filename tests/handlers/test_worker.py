@@ -7,6 +7,7 @@ from pathlib import Path
 from unittest.mock import MagicMock
 
 import pytest
+from aiokafka import ConsumerRecord
 from faststream.kafka import KafkaBroker, TestKafkaBroker
 from prometheus_client import CollectorRegistry
 
@@ -22,7 +23,7 @@ from services.worker.backends.base import (
 )
 from services.worker.config import WorkerSettings
 from services.worker.execution import LoadedModel
-from services.worker.handlers import register_handlers
+from services.worker.handlers import register_handlers, split_lanes
 from services.worker.metrics import WorkerMetrics
 from shared import topics
 from shared.kafka import make_broker
@@ -199,3 +200,12 @@ async def test_a_cancelled_job_is_answered_without_running(broker: KafkaBroker) 
     assert by_id[doomed.request_id].error is not None and by_id[doomed.request_id].error.type == "cancelled"  # type: ignore[union-attr]
     assert by_id[doomed.request_id].usage.total_tokens == 0
     assert by_id[kept.request_id].ok
+
+
+def test_priority_jobs_of_a_batch_run_as_a_lane_of_their_own_before_the_normal_ones() -> None:
+    def record(topic: str, offset: int) -> ConsumerRecord:
+        return ConsumerRecord(topic, 0, offset, 0, 0, None, b"{}", None, 0, 2, [])
+
+    normal, urgent = record(topics.jobs_topic("light"), 1), record(topics.priority_topic("light"), 7)
+    assert split_lanes((normal, urgent)) == [(urgent,), (normal,)]
+    assert split_lanes((normal,)) == [(normal,)]

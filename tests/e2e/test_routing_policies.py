@@ -1,0 +1,259 @@
+"""Routing policies on the real stack: threshold, explicit model, live pools, lag spill, breaker, priority lane.
+
+Every test reads the router's explanation the way a user does: `GET /v1/requests/{id}` (`routing`),
+or the `routing` of the result on Kafka. Tests that stop, pause or reconfigure a service put it back
+as it was before they end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from services.router.config import RouterSettings
+from services.router.load import PoolLoad
+from shared import topics
+from shared.messages import ChatMessage, ChatRequest, ChatResult, ErrorInfo, utcnow
+from tests.e2e.harness import Service, Stack
+from tests.e2e.test_pipeline import wait_for_assignment
+from tests.e2e.test_registry import restore_heavy, wait_until, worker
+from tests.e2e.test_request_tracking import status_when_finished
+
+HARD = "Explain step by step why this proof of the theorem is wrong, and derive the integral of x^2 dx. " * 3
+# The tuned router: tiny lag bound, every auto request borderline, a breaker that opens after 2 errors.
+TUNED_ROUTER = {
+    "AUTOGLM_ROUTING__SPILL__MAX_LAG": "2",
+    "AUTOGLM_ROUTING__SPILL__BAND": "1.0",
+    "AUTOGLM_ROUTING__SPILL__LAG_CACHE_S": "0.01",  # a fresh reading for every batch
+    "AUTOGLM_ROUTING__BREAKER__MIN_REQUESTS": "2",
+    "AUTOGLM_ROUTING__BREAKER__OPEN_S": "3",
+}
+
+
+async def chat(stack: Stack, content: str, **fields: Any) -> dict[str, Any]:
+    """POST /v1/chat/completions; the completion's JSON."""
+    body = {"model": "auto", "messages": [{"role": "user", "content": content}], "max_tokens": 2, **fields}
+    async with httpx.AsyncClient(base_url=stack.gateway_url, headers=stack.auth_headers, timeout=90) as http:
+        response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def routing_of(stack: Stack, request_id: str) -> dict[str, Any]:
+    """The `routing` object of GET /v1/requests/{id}, once the result is stored."""
+    status = await status_when_finished(stack, request_id)
+    assert status["status"] == "completed", status
+    return status["routing"]  # type: ignore[no-any-return]
+
+
+def router(stack: Stack) -> Service:
+    return next(service for service in stack.services if service.name == "router")
+
+
+async def restart_router(stack: Stack, extra_env: dict[str, str] | None = None) -> None:
+    """Restart the stack's router (with `extra_env`) and wait until it is ready."""
+    service = router(stack)
+    assert await asyncio.to_thread(service.stop) in (0, -15)
+    service.start({**stack.env, **(extra_env or {})})
+    await asyncio.to_thread(stack.wait_for, service, time.monotonic() + 120)
+
+
+@pytest.fixture
+async def tuned_router(stack: Stack) -> AsyncIterator[None]:
+    """The router with TUNED_ROUTER's settings for one test, then with the stack's again."""
+    await restart_router(stack, TUNED_ROUTER)
+    try:
+        yield
+    finally:
+        await restart_router(stack)
+
+
+@pytest.fixture
+async def heavy_restored(stack: Stack) -> AsyncIterator[None]:
+    yield
+    await restore_heavy(stack)
+
+
+async def test_simple_and_hard_prompts_reach_different_pools_and_the_request_explains_why(stack: Stack) -> None:
+    simple, hard = await asyncio.gather(chat(stack, "hi"), chat(stack, HARD))
+    assert (simple["model"], hard["model"]) == ("tiny-light", "tiny-heavy")
+    simple_routing, hard_routing = await asyncio.gather(routing_of(stack, simple["id"]), routing_of(stack, hard["id"]))
+    for routing, pool in ((simple_routing, "light"), (hard_routing, "heavy")):
+        assert routing["policy"] == "threshold" and routing["threshold"] == 0.5
+        assert routing["pool"] == routing["scored_pool"] == pool and routing["lane"] == "normal"
+        assert set(routing["contributions"]) >= {"length", "reasoning"}
+    assert simple_routing["score"] < 0.5 <= hard_routing["score"]
+    assert hard_routing["contributions"]["reasoning"] > 0 == simple_routing["contributions"]["reasoning"]
+
+
+async def test_an_explicit_model_wins_over_the_score(stack: Stack) -> None:
+    completion = await chat(stack, "hi", model="tiny-heavy")
+    routing = await routing_of(stack, completion["id"])
+    assert completion["model"] == "tiny-heavy"
+    assert routing["policy"] == "explicit_model" and routing["pool"] == "heavy" and routing["score"] < 0.5
+
+
+@pytest.mark.usefixtures("heavy_restored")
+async def test_a_pool_with_no_live_workers_is_skipped(stack: Stack) -> None:
+    assert await asyncio.to_thread(worker(stack, "heavy").stop) in (0, -15)  # SIGTERM: its cards are withdrawn
+    completion: dict[str, Any] = {}
+
+    async def went_to_light() -> bool:
+        # the router's registry view catches up with the tombstone within moments
+        completion.update(await chat(stack, HARD))
+        return completion["model"] == "tiny-light"
+
+    await wait_until(went_to_light, "a hard prompt served by light", 15)
+    routing = await routing_of(stack, completion["id"])
+    assert routing["policy"] == "no_live_workers" and routing["scored_pool"] == "heavy" and routing["pool"] == "light"
+    assert routing["notes"] == ["pool heavy has no live workers: sent to light"]
+
+
+def paused(service: Service) -> Any:
+    """SIGSTOP `service` for the block (its consumer stops committing: lag grows), SIGCONT after."""
+
+    class Pause:
+        def __enter__(self) -> None:
+            assert service.process is not None
+            os.kill(service.process.pid, signal.SIGSTOP)
+
+        def __exit__(self, *exc: object) -> None:
+            assert service.process is not None
+            os.kill(service.process.pid, signal.SIGCONT)
+
+    return Pause()
+
+
+async def pool_lag_reaches(stack: Stack, pool: str, at_least: int) -> None:
+    """Wait until `pool`'s workers have at least `at_least` jobs waiting (read as the router reads it)."""
+    load = PoolLoad(RouterSettings(kafka_bootstrap=stack.infra.kafka_bootstrap))
+    await load.start()
+    try:
+
+        async def reached() -> bool:
+            load._read_at = float("-inf")
+            return (await load.lag()).get(pool, 0) >= at_least
+
+        await wait_until(reached, f"lag of {pool} >= {at_least}", 15)
+    finally:
+        await load.stop()
+
+
+async def publish(stack: Stack, *requests: ChatRequest) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=stack.infra.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for request in requests:
+            await producer.send(topics.REQUESTS, request.model_dump_json().encode(), key=request.request_id.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def ask(content: str, **fields: Any) -> ChatRequest:
+    return ChatRequest(messages=[ChatMessage(role="user", content=content)], max_tokens=2, **fields)
+
+
+@pytest.mark.usefixtures("tuned_router")
+async def test_a_borderline_request_spills_from_a_backlogged_pool_and_nothing_is_dropped(stack: Stack) -> None:
+    queued = [ask(f"wait {index}", model="tiny-heavy") for index in range(4)]
+    with paused(worker(stack, "heavy")):
+        await publish(stack, *queued)
+        await pool_lag_reaches(stack, "heavy", 3)
+        spilled = await chat(stack, HARD)
+    assert spilled["model"] == "tiny-light"
+    routing = await routing_of(stack, spilled["id"])
+    assert routing["policy"] == "spill" and routing["scored_pool"] == "heavy" and routing["pool"] == "light"
+    assert "pool heavy is backlogged (lag" in routing["notes"][0]
+    for request in queued:  # the backlog still runs where it was sent
+        assert (await routing_of(stack, request.request_id))["pool"] == "heavy"
+
+
+async def publish_results(stack: Stack, *results: ChatResult) -> None:
+    """Results as a failing worker of the pool would publish them (the router learns from these)."""
+    producer = AIOKafkaProducer(bootstrap_servers=stack.infra.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for result in results:
+            await producer.send_and_wait(
+                topics.RESULTS, result.model_dump_json().encode(), key=result.request_id.encode()
+            )
+    finally:
+        await producer.stop()
+
+
+def failed_on_heavy() -> ChatResult:
+    error = ErrorInfo(type="server_error", code="retries_exhausted", message="inference failed after 3 attempts")
+    return ChatResult(request_id=f"chatcmpl-test-{uuid.uuid4().hex}", pool="heavy", error=error, created_at=utcnow())
+
+
+@pytest.mark.usefixtures("tuned_router")
+async def test_the_breaker_opens_on_errors_sends_to_the_fallback_and_recovers_through_a_probe(stack: Stack) -> None:
+    await publish_results(stack, failed_on_heavy(), failed_on_heavy())
+    fallback: dict[str, Any] = {}
+
+    async def went_to_fallback() -> bool:
+        fallback.update(await chat(stack, HARD))
+        return fallback["model"] == "tiny-light"
+
+    await wait_until(went_to_fallback, "a hard prompt sent to the fallback", 5)
+    routing = await routing_of(stack, fallback["id"])
+    assert routing["policy"] == "breaker_fallback" and routing["scored_pool"] == "heavy"
+    assert routing["notes"] == ["breaker of heavy is open (2 of the last 2 results failed): sent to fallback light"]
+
+    await asyncio.sleep(3)  # open_s: half-open, the next request is the probe
+    probe = await chat(stack, HARD)
+    assert probe["model"] == "tiny-heavy"
+    recovered: dict[str, Any] = {}
+
+    async def closed_again() -> bool:
+        recovered.update(await chat(stack, HARD))
+        return recovered["model"] == "tiny-heavy"
+
+    await wait_until(closed_again, "the breaker closed after the probe's success", 10)
+    assert (await routing_of(stack, recovered["id"]))["policy"] == "threshold"
+
+
+async def test_a_priority_request_jumps_the_queue(stack: Stack) -> None:
+    backlog = [ask(f"normal {index}", model="tiny-light") for index in range(80)]
+    urgent = ask("urgent", model="tiny-light", priority=9)
+    consumer = AIOKafkaConsumer(topics.RESULTS, bootstrap_servers=stack.infra.kafka_bootstrap)
+    await consumer.start()
+    try:
+        await wait_for_assignment(consumer)
+        with paused(worker(stack, "light")):
+            await publish(stack, *backlog)
+            await pool_lag_reaches(stack, "light", len(backlog))
+            await publish(stack, urgent)
+            await pool_lag_reaches(stack, "light", len(backlog) + 1)
+        results = await collect(consumer, {request.request_id for request in [*backlog, urgent]})
+    finally:
+        await consumer.stop()
+    done = results.pop(urgent.request_id).completed_at
+    # Read in order, the urgent job (published last) would run in the third batch of 32; it ran in the first.
+    later = sum(result.completed_at > done for result in results.values())
+    assert later >= len(backlog) // 2, f"only {later} of {len(backlog)} earlier requests finished after it"
+    routing = await routing_of(stack, urgent.request_id)
+    assert routing["lane"] == "priority" and routing["policy"] == "explicit_model"
+
+
+async def collect(consumer: AIOKafkaConsumer, wanted: set[str], limit_s: float = 120) -> dict[str, ChatResult]:
+    """The first result of each wanted request id."""
+    found: dict[str, ChatResult] = {}
+    async with asyncio.timeout(limit_s):
+        async for record in consumer:
+            result = ChatResult.model_validate_json(record.value)
+            if result.request_id in wanted:
+                found.setdefault(result.request_id, result)
+                if len(found) == len(wanted):
+                    break
+    return found
