@@ -61,8 +61,9 @@ format: setup  ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup  ## throughput and latency, batch=1 vs dynamic batching, through the real stack (writes bench/results/latest.json)
+bench: setup  ## throughput and latency through the real stack, and router decisions/s (writes bench/results/*.json)
 	$(PY) -m tests.bench.serving
+	$(PY) -m tests.bench.router
 
 asyncapi: setup  ## regenerate docs/asyncapi.json
 	$(VENV)/bin/autoglm asyncapi -o docs/asyncapi.json

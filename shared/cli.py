@@ -184,6 +184,67 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
     return 0 if written else 1
 
 
+def cmd_router_train(args: argparse.Namespace) -> int:
+    """Train the learned complexity scorer from labelled JSONL and write its artefact."""
+    from services.router.config import RouterSettings
+    from services.router.embedding import Embedder
+    from services.router.training import train
+
+    settings = load_settings(RouterSettings)
+    threshold = settings.routing.threshold if args.threshold is None else args.threshold
+    band = settings.router.scorer.band if args.band is None else args.band
+    artefact = train(Path(args.data), Path(args.output), Embedder(cache_size=1_000_000), threshold, band)
+    print(f"wrote {args.output}; held-out figures:")
+    print(json.dumps(artefact.metrics, indent=1))
+    return 0
+
+
+def cmd_router_eval(args: argparse.Namespace) -> int:
+    """Evaluate a scorer artefact on the held-out split: accuracy, AUC, calibration, heavy share vs hard caught."""
+    from services.router.config import RouterSettings
+    from services.router.embedding import Embedder
+    from services.router.learned import Artefact
+    from services.router.training import evaluate, format_report, load_splits, write_curve_png
+
+    settings = load_settings(RouterSettings)
+    threshold = settings.routing.threshold if args.threshold is None else args.threshold
+    band = settings.router.scorer.band if args.band is None else args.band
+    artefact_path = Path(args.artefact) if args.artefact else settings.router.scorer.artefact
+    if artefact_path is None:
+        print("error: no artefact: pass --artefact or set router.scorer.artefact", file=sys.stderr)
+        return 2
+    splits = load_splits(Path(args.data))
+    if args.split not in splits:
+        print(f"error: {args.data} has no {args.split!r} rows (splits: {sorted(splits)})", file=sys.stderr)
+        return 2
+    evaluation = evaluate(Artefact.load(artefact_path), splits[args.split], Embedder(), threshold, band)
+    print(format_report(evaluation))
+    if args.png:
+        write_curve_png(evaluation, Path(args.png))
+        print(f"curve written to {args.png}")
+    return 0
+
+
+def add_router_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`autoglm router train|eval`."""
+    router = commands.add_parser("router", help="the learned complexity scorer").add_subparsers(
+        dest="router_command", required=True, metavar="SUBCOMMAND"
+    )
+    train = router.add_parser("train", help=cmd_router_train.__doc__, description=cmd_router_train.__doc__)
+    train.add_argument("--data", required=True, help="labelled JSONL (prompt, label, source, split)")
+    train.add_argument("--output", required=True, help="artefact file to write (JSON)")
+    evaluate = router.add_parser("eval", help=cmd_router_eval.__doc__, description=cmd_router_eval.__doc__)
+    evaluate.add_argument("--data", required=True, help="labelled JSONL (prompt, label, source, split)")
+    evaluate.add_argument("--artefact", help="default: router.scorer.artefact from the settings")
+    evaluate.add_argument("--png", help="write the heavy-share vs hard-caught curve to this PNG")
+    evaluate.add_argument("--split", default="test", help="rows to evaluate on (default: the held-out test split)")
+    for sub in (train, evaluate):
+        sub.add_argument("--threshold", type=float, help="routing threshold (default: routing.threshold)")
+        sub.add_argument("--band", type=float, help="embedding band around it (default: router.scorer.band)")
+    train.set_defaults(handler=cmd_router_train)
+    evaluate.set_defaults(handler=cmd_router_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `autoglm` and its subcommands."""
     parser = argparse.ArgumentParser(prog="autoglm", description="Open-AutoGLM: LLM inference serving on Apache Kafka.")
@@ -228,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     repo.set_defaults(handler=cmd_triton_repo)
 
     add_keys_commands(commands)
+    add_router_commands(commands)
 
     asyncapi = commands.add_parser("asyncapi", help=cmd_asyncapi.__doc__, description=cmd_asyncapi.__doc__)
     asyncapi.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")

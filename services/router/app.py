@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from faststream.asgi import AsgiFastStream
@@ -9,7 +10,9 @@ from prometheus_client import CollectorRegistry
 
 from services.router.config import RouterSettings
 from services.router.handlers import PoolState, register_handlers
+from services.router.learned import load_scorer
 from services.router.load import PoolLoad
+from services.router.scoring import use_scorer
 from shared.kafka import ensure_topics, make_broker
 from shared.registry import RegistryView
 from shared.service import ops_routes, setup_tracing
@@ -36,10 +39,18 @@ def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
         await ensure_topics(settings)
         await load.start()
 
+    async def install_scorer() -> None:
+        options = settings.router.scorer
+        scorer = await asyncio.to_thread(
+            load_scorer, options.artefact, settings.routing.threshold, options.band,
+            options.embedding_cache_size, options.embedding_batch_size,
+        )  # fmt: skip
+        use_scorer(scorer)
+
     return AsgiFastStream(
         broker,
         asgi_routes=ops_routes(SERVICE, registry, ready),
-        on_startup=[create_topics_and_read_lag],
+        on_startup=[create_topics_and_read_lag, install_scorer],
         on_shutdown=[load.stop],
         asyncapi_path="/asyncapi",
         logger=logging.getLogger(f"autoglm.app.{SERVICE}"),

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from services.router.breaker import CircuitBreaker
 from services.router.load import PoolLoad
 from services.router.routing import Decision, PoolView, UnroutableError, decide
-from services.router.scoring import Score, score_request
+from services.router.scoring import Score, score_batch
 from shared import topics
 from shared.cancellation import CancelledRequests
 from shared.kafka import FETCH_MAX_WAIT_MS, publish_dead_letter, publish_result, rewind
@@ -93,7 +93,8 @@ def register_handlers(broker: KafkaBroker, settings: CommonSettings, state: Pool
         try:
             parsed = await parse_requests(broker, records)
             view = await state.view()
-            scores = score_batch([request for _, request in parsed])
+            # In a thread: embedding a batch takes CPU time the event loop needs for Kafka.
+            scores = await asyncio.to_thread(score_batch, [request for _, request in parsed])
             await asyncio.gather(
                 *(
                     traced(record, route_one(broker, settings, cancelled, request=request, score=score, view=view))
@@ -121,11 +122,6 @@ def register_handlers(broker: KafkaBroker, settings: CommonSettings, state: Pool
     async def watch_result(result: ChatResult) -> None:
         """Feed the breakers and the queue-wait averages."""
         state.observe(result)
-
-
-def score_batch(requests: list[ChatRequest]) -> list[Score]:
-    """One score per request (one at a time until the scorer scores batches)."""
-    return [score_request(request) for request in requests]
 
 
 async def traced(record: ConsumerRecord, work: Awaitable[None]) -> None:

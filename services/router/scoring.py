@@ -1,4 +1,8 @@
-"""Prompt complexity scoring: a transparent heuristic until the learned scorer lands.
+"""Prompt complexity scoring: the learned scorer when one is installed, else a transparent heuristic.
+
+The router installs the learned scorer (services/router/learned.py) at start with `use_scorer`;
+`score_request` then delegates to it. Without one, or if its artefact failed to load, the heuristic
+below scores every request.
 
 The score is a weighted sum of simple features of the conversation, squashed into [0, 1]:
   * length of the user's text (long prompts tend to need more capable models),
@@ -13,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
 from shared.messages import ChatRequest
 
@@ -60,7 +65,37 @@ def extract_features(request: ChatRequest) -> dict[str, float]:
     }
 
 
+class RequestScorer(Protocol):
+    """Anything that scores one request (the learned `Scorer` does, in batches too)."""
+
+    def score(self, request: ChatRequest) -> Score: ...
+
+    def score_batch(self, requests: list[ChatRequest]) -> list[Score]: ...
+
+
+_installed: list[RequestScorer] = []  # the router's learned scorer, when it loaded
+
+
+def use_scorer(scorer: RequestScorer | None) -> None:
+    """Make `score_request` delegate to `scorer` (None: back to the heuristic)."""
+    _installed.clear()
+    if scorer is not None:
+        _installed.append(scorer)
+
+
 def score_request(request: ChatRequest) -> Score:
+    """Score a request's complexity with the installed scorer, or the heuristic without one."""
+    return _installed[0].score(request) if _installed else heuristic_score(request)
+
+
+def score_batch(requests: list[ChatRequest]) -> list[Score]:
+    """One score per request; the learned scorer embeds the batch's borderline prompts in one pass."""
+    if _installed:
+        return _installed[0].score_batch(requests)
+    return [heuristic_score(request) for request in requests]
+
+
+def heuristic_score(request: ChatRequest) -> Score:
     """Score a request's complexity with the weighted heuristic."""
     contributions = {name: WEIGHTS[name] * value for name, value in extract_features(request).items()}
     logit = BIAS + sum(contributions.values())
