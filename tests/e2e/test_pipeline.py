@@ -13,6 +13,7 @@ import openai
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import RecordMetadata
 
 from shared import topics
 from shared.messages import ChatMessage, ChatRequest, ChatResult, DeadLetter
@@ -173,12 +174,16 @@ async def test_a_redelivered_request_never_duplicates_a_row(stack: Stack) -> Non
     await producer.start()
     try:
         await wait_for_assignment(results)
-        for _ in range(2):
+        sent = [
             await producer.send_and_wait(topics.REQUESTS, request.model_dump_json().encode(), key=b"same")
+            for _ in range(2)
+        ]
         copies = await read_results_of(results, request.request_id, count=2)
     finally:
         await producer.stop()
         await results.stop()
+    # Requests and results are stored by separate subscribers: wait for both commits.
+    await wait_until_exporter_committed(bootstrap, sent[-1])
     await wait_until_exporter_committed(bootstrap, copies[-1])
     connection = await asyncpg.connect(plain_dsn(stack.infra.database_url))
     try:
@@ -201,15 +206,15 @@ async def read_results_of(consumer: AIOKafkaConsumer, request_id: str, count: in
     raise AssertionError("the consumer stopped")
 
 
-async def wait_until_exporter_committed(bootstrap: str, record: ConsumerRecord) -> None:
-    """Block until the exporter's group has committed past `record`, i.e. stored it."""
+async def wait_until_exporter_committed(bootstrap: str, record: ConsumerRecord | RecordMetadata) -> None:
+    """Block until the exporter's group for the record's topic has committed past it, i.e. stored it."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     partition = TopicPartition(record.topic, record.partition)
     try:
         async with asyncio.timeout(30):
             while True:
-                offsets = await admin.list_consumer_group_offsets(f"autoglm-exporter-{topics.RESULTS}")
+                offsets = await admin.list_consumer_group_offsets(f"autoglm-exporter-{record.topic}")
                 if partition in offsets and offsets[partition].offset > record.offset:
                     return
                 await asyncio.sleep(0.2)
