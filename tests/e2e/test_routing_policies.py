@@ -28,6 +28,7 @@ from tests.e2e.test_pipeline import wait_for_assignment
 from tests.e2e.test_registry import restore_heavy, wait_until, worker
 from tests.e2e.test_request_tracking import status_when_finished
 from tests.e2e.test_router_scorer import HARD_MATH
+from tests.e2e.test_worker_delivery import collect_results
 
 HARD = HARD_MATH  # the learned scorer puts it well above the threshold (0.77)
 # The tuned router: tiny lag bound, every auto request borderline, a breaker that opens after 2 errors.
@@ -238,7 +239,7 @@ async def test_a_priority_request_jumps_the_queue(stack: Stack) -> None:
             await pool_lag_reaches(stack, "light", len(backlog))
             await publish(stack, urgent)
             await pool_lag_reaches(stack, "light", len(backlog) + 1)
-        results = await collect(consumer, {request.request_id for request in [*backlog, urgent]})
+        results = await collect_results(consumer, {request.request_id for request in [*backlog, urgent]}, 120)
     finally:
         await consumer.stop()
     done = results.pop(urgent.request_id).completed_at
@@ -247,16 +248,3 @@ async def test_a_priority_request_jumps_the_queue(stack: Stack) -> None:
     assert later >= len(backlog) // 2, f"only {later} of {len(backlog)} earlier requests finished after it"
     routing = await routing_of(stack, urgent.request_id)
     assert routing["lane"] == "priority" and routing["policy"] == "explicit_model"
-
-
-async def collect(consumer: AIOKafkaConsumer, wanted: set[str], limit_s: float = 120) -> dict[str, ChatResult]:
-    """The first result of each wanted request id."""
-    found: dict[str, ChatResult] = {}
-    async with asyncio.timeout(limit_s):
-        async for record in consumer:
-            result = ChatResult.model_validate_json(record.value)
-            if result.request_id in wanted:
-                found.setdefault(result.request_id, result)
-                if len(found) == len(wanted):
-                    break
-    return found
