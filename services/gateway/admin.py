@@ -20,7 +20,7 @@ class KeyCreation(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)  # e.g. `stream: 0` is a 400, not False
 
-    name: str = Field(min_length=1, max_length=200, examples=["ci"])
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$", examples=["ci"])  # no controls
     role: str = Field(min_length=1, max_length=64, examples=["user"])
     # le: PostgreSQL's integer column
     requests_per_minute: int | None = Field(default=None, ge=1, le=2**31 - 1, description="Default: the gateway's.")

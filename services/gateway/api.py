@@ -34,6 +34,7 @@ from services.gateway.protocol import (
 from services.gateway.serving import ChatService
 from services.gateway.streaming import ChatChunks, ChunkFormat, ReplyStream, TextChunks, server_sent_events
 from services.gateway.tracking import RequestAccepted, RequestStatus, fetch_request, request_status, state_of
+from shared.db import storable
 from shared.registry import RegistryView
 
 
@@ -255,6 +256,8 @@ async def cancel_request(
 ) -> CancellationResponse:
     """Cancel a queued or running request: routers and workers answer it `cancelled` instead of running it,
     and a running one stops at its next token. Someone else's request is a 404."""
+    if not storable(request_id):
+        raise request_not_found(request_id)
     if not caller.allows("requests:all"):  # an admin may cancel any id, even one not published yet
         owner = chat.caller_of(request_id)
         if owner is None:

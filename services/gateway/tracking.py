@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.gateway.errors import ApiError
 from services.gateway.protocol import ChatCompletionResponse, ErrorInfo
+from shared.db import storable
 from shared.db.tables import RequestRow, ResultRow
 from shared.messages import ChatMessage, ChatResult, Choice, RoutingExplanation, RoutingPolicy, Timings, Usage
 from shared.messages import ErrorInfo as ResultError
@@ -103,6 +104,8 @@ def store_errors_as_503() -> Iterator[None]:
 
 async def fetch_request(engine: AsyncEngine, request_id: str, owner: str | None = None) -> StoredRequest | None:
     """The stored rows of `request_id`; None when unknown, or when `owner` is given and is not its caller."""
+    if not storable(request_id):
+        return None
     with store_errors_as_503():
         async with engine.connect() as connection:
             request = (await connection.execute(select(RequestRow.__table__).filter_by(request_id=request_id))).first()

@@ -17,6 +17,7 @@ from sqlalchemy import Row, Select, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared.db import storable
 from shared.db.tables import ApiKeyRow
 from shared.messages import utcnow
 
@@ -99,6 +100,8 @@ class KeyStore:
 
     async def get(self, key_id: str) -> ApiKey | None:
         """The key with this id, revoked or not."""
+        if not storable(key_id):
+            return None
         return await self._one(select(ApiKeyRow).where(ApiKeyRow.key_id == key_id))
 
     async def all_keys(self) -> list[ApiKey]:
@@ -109,6 +112,8 @@ class KeyStore:
 
     async def revoke(self, key_id: str) -> ApiKey | None:
         """Revoke a key (once: revoking again keeps the first time); None when there is no such key."""
+        if not storable(key_id):
+            return None
         statement = (
             update(ApiKeyRow)
             .where(ApiKeyRow.key_id == key_id, ApiKeyRow.revoked_at.is_(None))

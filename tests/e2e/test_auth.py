@@ -131,6 +131,18 @@ def test_an_unknown_role_is_a_400(admin: httpx.Client) -> None:
     assert (response.json()["error"]["param"], response.json()["error"]["code"]) == ("role", "unknown_role")
 
 
+def test_a_key_name_with_control_characters_is_a_400_naming_name(admin: httpx.Client) -> None:
+    response = admin.post("/v1/admin/keys", json={"name": "ci\u0000bot", "role": "user"})  # PostgreSQL text has no NUL
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "name"
+
+
+def test_revoking_an_id_postgresql_cannot_hold_is_a_404(admin: httpx.Client) -> None:
+    response = admin.delete("/v1/admin/keys/key_%00")
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "key_not_found"
+
+
 def test_a_key_made_through_the_api_is_listed_without_its_secret(admin: httpx.Client) -> None:
     created = create_key(admin, "user")
     assert created["key"].startswith("sk-agl-") and created["prefix"] == created["key"][:12]

@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from services.gateway.idempotency import idempotent_request_id
@@ -119,6 +120,15 @@ def test_an_unknown_request_is_an_openai_404(stack: Stack) -> None:
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "request_not_found"
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/v1/requests/chatcmpl-%00"), ("POST", "/v1/requests/x%00/cancel")]
+)
+def test_an_id_postgresql_cannot_hold_is_an_unknown_request(stack: Stack, method: str, path: str) -> None:
+    response = httpx.request(method, f"{stack.gateway_url}{path}", headers=stack.auth_headers)
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "request_not_found"
 
 
 async def test_feedback_is_stored_in_postgresql(stack: Stack) -> None:
