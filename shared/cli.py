@@ -187,13 +187,14 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
 def cmd_router_train(args: argparse.Namespace) -> int:
     """Train the learned complexity scorer from labelled JSONL and write its artefact."""
     from services.router.config import RouterSettings
-    from services.router.embedding import Embedder
+    from services.router.embedding import Embedder, EmbeddingSpec
     from services.router.training import train
 
     settings = load_settings(RouterSettings)
     threshold = settings.routing.threshold if args.threshold is None else args.threshold
     band = settings.router.scorer.band if args.band is None else args.band
-    artefact = train(Path(args.data), Path(args.output), Embedder(cache_size=1_000_000), threshold, band)
+    embedder = Embedder(EmbeddingSpec(engine=args.engine, max_tokens=args.max_tokens), cache_size=1_000_000)
+    artefact = train(Path(args.data), Path(args.output), embedder, threshold, band)
     print(f"wrote {args.output}; held-out figures:")
     print(json.dumps(artefact.metrics, indent=1))
     return 0
@@ -217,7 +218,8 @@ def cmd_router_eval(args: argparse.Namespace) -> int:
     if args.split not in splits:
         print(f"error: {args.data} has no {args.split!r} rows (splits: {sorted(splits)})", file=sys.stderr)
         return 2
-    evaluation = evaluate(Artefact.load(artefact_path), splits[args.split], Embedder(), threshold, band)
+    artefact = Artefact.load(artefact_path)
+    evaluation = evaluate(artefact, splits[args.split], Embedder(artefact.embedding), threshold, band)
     print(format_report(evaluation))
     if args.png:
         write_curve_png(evaluation, Path(args.png))
@@ -233,6 +235,8 @@ def add_router_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     train = router.add_parser("train", help=cmd_router_train.__doc__, description=cmd_router_train.__doc__)
     train.add_argument("--data", required=True, help="labelled JSONL (prompt, label, source, split)")
     train.add_argument("--output", required=True, help="artefact file to write (JSON)")
+    train.add_argument("--engine", choices=("onnx-int8", "torch"), default="onnx-int8", help="embedding engine")
+    train.add_argument("--max-tokens", type=int, default=64, help="prompt tokens embedded (default 64)")
     evaluate = router.add_parser("eval", help=cmd_router_eval.__doc__, description=cmd_router_eval.__doc__)
     evaluate.add_argument("--data", required=True, help="labelled JSONL (prompt, label, source, split)")
     evaluate.add_argument("--artefact", help="default: router.scorer.artefact from the settings")

@@ -40,12 +40,7 @@ def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
         await load.start()
 
     async def install_scorer() -> None:
-        options = settings.router.scorer
-        scorer = await asyncio.to_thread(
-            load_scorer, options.artefact, settings.routing.threshold, options.band,
-            options.embedding_cache_size, options.embedding_batch_size,
-        )  # fmt: skip
-        use_scorer(scorer)
+        use_scorer(await asyncio.to_thread(load_scorer, settings.router.scorer, settings.routing.threshold))
 
     return AsgiFastStream(
         broker,

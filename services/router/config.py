@@ -6,7 +6,7 @@ from pydantic import BaseModel, Field
 
 from shared.settings import CommonSettings
 
-DEFAULT_ARTEFACT = Path(__file__).with_name("artefacts") / "scorer-v1.json"
+DEFAULT_ARTEFACT = Path(__file__).with_name("artefacts") / "scorer-v2.json"
 
 
 class ScorerOptions(BaseModel):
@@ -16,10 +16,13 @@ class ScorerOptions(BaseModel):
         default=DEFAULT_ARTEFACT, description="trained scorer to load at start; null keeps the heuristic"
     )
     band: float = Field(
-        default=0.15, ge=0.0, le=1.0, description="cheap scores this close to the threshold pay for the embedding"
+        default=0.10, ge=0.0, le=1.0, description="cheap scores this close to the threshold pay for the embedding"
     )
     embedding_cache_size: int = Field(default=4096, ge=0, description="prompts whose embedding is kept (LRU)")
     embedding_batch_size: int = Field(default=32, ge=1)
+    embedding_threads: int = Field(
+        default=1, ge=1, description="onnxruntime threads per router: more only pay on an otherwise idle machine"
+    )
 
 
 class RouterOptions(BaseModel):

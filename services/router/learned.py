@@ -21,16 +21,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from services.router.embedding import EmbeddingSpec
 from services.router.scoring import CODE_MARKERS, MATH_MARKERS, REASONING_MARKERS, Score
 from shared.messages import ChatRequest
 
 if TYPE_CHECKING:
+    from services.router.config import ScorerOptions
     from services.router.embedding import Embedder
 
 logger = logging.getLogger(__name__)
 
 ARTEFACT_FORMAT = "autoglm-router-scorer"
-ARTEFACT_VERSION = 1
+ARTEFACT_VERSION = 2  # 2: the embedding spec (engine, max_tokens) is part of the artefact
 
 LATEX = re.compile(r"\$|\\[a-zA-Z]+")
 CHOICE_LINE = re.compile(r"^\s*\(?[A-E][.)]\s", re.M)
@@ -127,7 +129,7 @@ class Artefact:
     cheap: Stage
     full: Stage
     feature_names: list[str]
-    embedding_model: str
+    embedding: EmbeddingSpec
     training_data_sha256: str
     metrics: dict[str, Any]
     version: int = ARTEFACT_VERSION
@@ -136,7 +138,7 @@ class Artefact:
         path.parent.mkdir(parents=True, exist_ok=True)
         document = {
             "format": ARTEFACT_FORMAT, "version": self.version, "feature_names": self.feature_names,
-            "embedding_model": self.embedding_model, "training_data_sha256": self.training_data_sha256,
+            "embedding": self.embedding.to_json(), "training_data_sha256": self.training_data_sha256,
             "metrics": self.metrics, "cheap": self.cheap.to_json(), "full": self.full.to_json(),
         }  # fmt: skip
         path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
@@ -151,7 +153,7 @@ class Artefact:
             raise ValueError(f"{path}: trained on features {document['feature_names']}, this code has {FEATURE_NAMES}")
         return cls(
             cheap=Stage.from_json(document["cheap"]), full=Stage.from_json(document["full"]),
-            feature_names=document["feature_names"], embedding_model=document["embedding_model"],
+            feature_names=document["feature_names"], embedding=EmbeddingSpec.from_json(document["embedding"]),
             training_data_sha256=document["training_data_sha256"], metrics=document["metrics"],
         )  # fmt: skip
 
@@ -204,10 +206,9 @@ class Scorer:
         return Score(value=min(max(value, 0.0), 1.0), contributions=contributions)
 
 
-def load_scorer(
-    artefact_path: Path | None, threshold: float, band: float, cache_size: int, batch_size: int
-) -> Scorer | None:
+def load_scorer(options: ScorerOptions, threshold: float) -> Scorer | None:
     """The learned scorer, or None (with a log line saying why) so the router keeps the heuristic."""
+    artefact_path, band = options.artefact, options.band
     if artefact_path is None:
         logger.info("no scorer artefact configured: routing with the heuristic scorer")
         return None
@@ -215,7 +216,10 @@ def load_scorer(
         from services.router.embedding import Embedder
 
         artefact = Artefact.load(artefact_path)
-        embedder = Embedder(cache_size=cache_size, batch_size=batch_size)
+        embedder = Embedder(
+            artefact.embedding, options.embedding_cache_size, options.embedding_batch_size,
+            threads=options.embedding_threads,
+        )  # fmt: skip
     except (OSError, ValueError, KeyError, ImportError) as error:
         logger.warning("scorer artefact %s not loaded (%s): routing with the heuristic scorer", artefact_path, error)
         return None

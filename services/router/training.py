@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from services.router.embedding import MODEL_NAME, Embedder
+from services.router.embedding import Embedder
 from services.router.learned import FEATURE_NAMES, Artefact, Scorer, Stage, extract_features, file_sha256, sigmoid
 from shared.messages import ChatMessage, ChatRequest
 
@@ -116,7 +116,7 @@ def train(data: Path, output: Path, embedder: Embedder, threshold: float, band: 
     cheap = train_stage(inputs["train"][0], y_train, inputs["validation"][0], y_val)
     full = train_stage(inputs["train"][1], y_train, inputs["validation"][1], y_val)
     artefact = Artefact(
-        cheap=cheap, full=full, feature_names=list(FEATURE_NAMES), embedding_model=MODEL_NAME,
+        cheap=cheap, full=full, feature_names=list(FEATURE_NAMES), embedding=embedder.spec,
         training_data_sha256=file_sha256(data), metrics={},
     )  # fmt: skip
     artefact.metrics = evaluate(artefact, splits["test"], embedder, threshold, band).summary()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.router.config import DEFAULT_ARTEFACT
+from services.router.config import DEFAULT_ARTEFACT, ScorerOptions
 from services.router.embedding import DIMENSIONS, Embedder
 from services.router.learned import FEATURE_NAMES, Artefact, Scorer, extract_features, load_scorer
 from services.router.scoring import heuristic_score, score_request, use_scorer
@@ -26,7 +26,7 @@ HARD_MATH = (
 
 @pytest.fixture(scope="module")
 def embedder() -> Embedder:
-    return Embedder(cache_size=64)
+    return Embedder(Artefact.load(DEFAULT_ARTEFACT).embedding, cache_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_scores_are_probabilities_and_explained(artefact: Artefact, embedder: Em
 
 
 def test_the_cascade_embeds_only_near_the_threshold_and_once(artefact: Artefact) -> None:
-    embedder = Embedder(cache_size=64)
+    embedder = Embedder(artefact.embedding, cache_size=64)
     scorer = Scorer(artefact, embedder, threshold=0.5, band=0.15)
     clear = as_request("hi")
     assert abs(artefact.cheap.predict(np.asarray([extract_features(clear)]))[0] - 0.5) >= 0.15
@@ -102,10 +102,10 @@ def test_a_bad_artefact_falls_back_to_the_heuristic(tmp_path: Path, caplog: pyte
     stale = tmp_path / "old.json"
     stale.write_text(json.dumps({"format": "autoglm-router-scorer", "version": 0}))
     with caplog.at_level(logging.INFO):
-        assert load_scorer(tmp_path / "missing.json", 0.5, 0.15, 16, 8) is None
-        assert load_scorer(stale, 0.5, 0.15, 16, 8) is None
-        assert load_scorer(None, 0.5, 0.15, 16, 8) is None
-    assert caplog.text.count("routing with the heuristic scorer") == 3 and "not a version 1" in caplog.text
+        assert load_scorer(ScorerOptions(artefact=tmp_path / "missing.json"), 0.5) is None
+        assert load_scorer(ScorerOptions(artefact=stale), 0.5) is None
+        assert load_scorer(ScorerOptions(artefact=None), 0.5) is None
+    assert caplog.text.count("routing with the heuristic scorer") == 3 and "not a version 2" in caplog.text
 
 
 def test_score_request_uses_the_installed_scorer(artefact: Artefact, embedder: Embedder) -> None:
@@ -122,7 +122,7 @@ def test_score_request_uses_the_installed_scorer(artefact: Artefact, embedder: E
 def test_the_committed_artefact_beats_length_and_random_on_the_held_out_split(
     artefact: Artefact, embedder: Embedder
 ) -> None:
-    figures = evaluate(artefact, load_splits(DATA)["test"], embedder, 0.5, 0.15, embed_all=False).summary()
+    figures = evaluate(artefact, load_splits(DATA)["test"], embedder, 0.5, 0.10, embed_all=False).summary()
     assert figures["rows"] > 1000
     assert figures["auc"] > figures["auc_length_only"] + 0.1
     assert figures["hard_caught"] > figures["hard_caught_length_only"] + 0.1
