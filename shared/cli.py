@@ -185,7 +185,7 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_render(args: argparse.Namespace) -> int:
-    """Render the compose override or the Kubernetes overlay (replicas, resources, batching, workers) from the deployment file."""
+    """Render the compose override or the k8s overlay (replicas, resources, batching, workers) from deployment.yaml."""
     from shared.deploy import DeploySettings, default_output, render, write_rendered
 
     settings = load_settings(DeploySettings)

@@ -67,7 +67,9 @@ class ModelConfig(BaseModel):
 class Resources(BaseModel):
     """What one replica asks of its machine; `autoglm deploy render` turns it into compose and k8s limits."""
 
-    cpu: str = Field(default="1", pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="Cores, Kubernetes style: 2, 0.5, 500m.")
+    cpu: str = Field(
+        default="1", pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="Cores, Kubernetes style: 2, 0.5, 500m."
+    )
     memory: str = Field(
         default="2Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)$", description="Memory, Kubernetes style: 512Mi, 16Gi."
     )

@@ -28,4 +28,3 @@ def docker_compose() -> Path:
 def kustomize() -> Path:
     """kustomize, built from the Go module proxy."""
     return installed(lambda: tools.go_tool("kustomize"))
-

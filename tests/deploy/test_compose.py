@@ -1,4 +1,4 @@
-"""The Docker Compose stack: accepted by Compose itself, wired in order, documented, rendered from the deployment file."""
+"""The Docker Compose stack: accepted by Compose itself, wired in order, documented, rendered from deployment.yaml."""
 
 from __future__ import annotations
 
@@ -54,13 +54,17 @@ def compose_config(
 def loaded(docker_compose: Path, env_path: Path, *args: str, files: tuple[str, ...] = ("compose.yaml",)) -> Any:
     """The project as Compose resolved it (every profile on), as JSON."""
     profiles = [arg for profile in PROFILES for arg in ("--profile", profile)]
-    result = compose_config(docker_compose, *profiles, "config", "--format", "json", *args, files=files, env_path=env_path)
+    result = compose_config(
+        docker_compose, *profiles, "config", "--format", "json", *args, files=files, env_path=env_path
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
 @pytest.mark.parametrize("profiles", [(), ("observability",), ("gpu",), PROFILES])
-def test_compose_accepts_the_file_with_each_profile(docker_compose: Path, tmp_path: Path, profiles: tuple[str, ...]) -> None:
+def test_compose_accepts_the_file_with_each_profile(
+    docker_compose: Path, tmp_path: Path, profiles: tuple[str, ...]
+) -> None:
     """`docker compose config` (schema validation, interpolation, references) passes with the documented .env."""
     flags = [arg for profile in profiles for arg in ("--profile", profile)]
     result = compose_config(docker_compose, *flags, "config", "--quiet", env_path=env_file(tmp_path))
