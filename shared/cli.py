@@ -184,6 +184,36 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
     return 0 if written else 1
 
 
+def cmd_deploy_render(args: argparse.Namespace) -> int:
+    """Render the compose override or the k8s overlay (replicas, resources, batching, workers) from deployment.yaml."""
+    from shared.deploy import DeploySettings, default_output, render, write_rendered
+
+    settings = load_settings(DeploySettings)
+    out_dir = Path(args.output) if args.output else default_output(args.target)
+    files = render(args.target, settings, out_dir, args.kafka_bootstrap)
+    for path in write_rendered(files, out_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`autoglm deploy render`."""
+    deploy = commands.add_parser("deploy", help="container deployments").add_subparsers(
+        dest="deploy_command", required=True, metavar="SUBCOMMAND"
+    )
+    render = deploy.add_parser("render", help=cmd_deploy_render.__doc__, description=cmd_deploy_render.__doc__)
+    render.add_argument("--target", required=True, choices=["compose", "k8s"], help="what to render")
+    render.add_argument(
+        "-o", "--output", help="directory to write (default: deploy/compose or deploy/k8s/overlays/deployment)"
+    )
+    render.add_argument(
+        "--kafka-bootstrap",
+        default="kafka:9092",
+        help="k8s: the Kafka cluster the pods and KEDA's scalers reach (default: kafka:9092)",
+    )
+    render.set_defaults(handler=cmd_deploy_render)
+
+
 def cmd_router_train(args: argparse.Namespace) -> int:
     """Train the learned complexity scorer from labelled JSONL and write its artefact."""
     from services.router.config import RouterSettings
@@ -294,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_keys_commands(commands)
     add_router_commands(commands)
+    add_deploy_commands(commands)
 
     asyncapi = commands.add_parser("asyncapi", help=cmd_asyncapi.__doc__, description=cmd_asyncapi.__doc__)
     asyncapi.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")

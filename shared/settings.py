@@ -64,6 +64,18 @@ class ModelConfig(BaseModel):
     timeout_s: float = Field(default=60.0, gt=0, description="openai / triton: per-call timeout.")
 
 
+class Resources(BaseModel):
+    """What one replica asks of its machine; `autoglm deploy render` turns it into compose and k8s limits."""
+
+    cpu: str = Field(
+        default="1", pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="Cores, Kubernetes style: 2, 0.5, 500m."
+    )
+    memory: str = Field(
+        default="2Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)$", description="Memory, Kubernetes style: 512Mi, 16Gi."
+    )
+    gpus: int = Field(default=0, ge=0, le=16, description="NVIDIA GPUs per replica (0: none).")
+
+
 class PoolConfig(BaseModel):
     """A pool of identical workers fed by one jobs topic."""
 
@@ -73,6 +85,7 @@ class PoolConfig(BaseModel):
     replicas: int = Field(default=1, ge=0, le=64)
     partitions: int = Field(default=4, ge=1, le=256)
     batching: Batching = Field(default_factory=Batching)
+    resources: Resources = Field(default_factory=Resources)
 
     @model_validator(mode="after")
     def _models_say_where_they_are(self) -> Self:

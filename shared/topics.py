@@ -39,6 +39,16 @@ def retry_topic(pool: str) -> str:
     return f"{RETRY_PREFIX}{pool}"
 
 
+def worker_group(pool: str) -> str:
+    """Consumer group shared by every replica of a pool (its jobs and priority topics); autoscalers read its lag."""
+    return f"autoglm-worker-{pool}"
+
+
+def worker_retry_group(pool: str) -> str:
+    """Consumer group of a pool's retry topic."""
+    return f"{worker_group(pool)}-retry"
+
+
 CONTROL = "autoglm.control"
 """CancelRequest: read by every router and worker instance (no consumer group)."""
 

@@ -41,7 +41,7 @@ NOT_BEFORE_HEADER = "x-autoglm-not-before-ms"
 
 def group_id(pool: str) -> str:
     """Consumer group shared by every replica of a pool."""
-    return f"autoglm-worker-{pool}"
+    return topics.worker_group(pool)
 
 
 def register_handlers(
@@ -101,7 +101,7 @@ def register_handlers(
 
     @broker.subscriber(
         topics.retry_topic(pool),
-        group_id=f"{group_id(pool)}-retry",
+        group_id=topics.worker_retry_group(pool),
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.MANUAL,
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
