@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -21,6 +22,7 @@ from services.exporter.store import store_feedback, store_requests, store_result
 from shared import topics
 from shared.kafka import FETCH_MAX_WAIT_MS, publish_dead_letter
 from shared.messages import ChatRequest, ChatResult, Feedback
+from shared.telemetry import record_context, timed_span
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ def register_handlers(broker: KafkaBroker, settings: ExporterSettings, engine: A
             for record, item in parse_all(message.raw_message, model)
             if not getattr(item, "probe", False)  # probes are not stored
         ]
+        started_ns = time.time_ns()
         try:
             try:
                 inserted = await store(engine, items)
@@ -68,6 +71,7 @@ def register_handlers(broker: KafkaBroker, settings: ExporterSettings, engine: A
             await asyncio.sleep(backoff_s)
             await message.nack()
             return
+        trace_persisted(items, f"persist {model.__name__}", started_ns)
         await message.ack()
         logger.debug("stored %d new %s rows of %d", inserted, model.__name__, len(items))
 
@@ -115,6 +119,14 @@ async def store_result_records(engine: AsyncEngine, items: list[tuple[ConsumerRe
 
 async def store_feedback_records(engine: AsyncEngine, items: list[tuple[ConsumerRecord, Feedback]]) -> int:
     return await store_feedback(engine, [feedback for _, feedback in items])
+
+
+def trace_persisted(items: list[tuple[ConsumerRecord, MessageT]], name: str, started_ns: int) -> None:
+    """A span per stored message in the trace it came with, timed as the batch's database write."""
+    ended_ns = time.time_ns()
+    for record, item in items:
+        attributes = {"autoglm.request_id": item.request_id, "messaging.destination.name": record.topic}
+        timed_span(name, record_context(record), started_ns, ended_ns, attributes)
 
 
 def trace_id_of(record: ConsumerRecord) -> str | None:
