@@ -168,7 +168,7 @@ class TopicsConfig(BaseModel):
 
 
 class TelemetryConfig(BaseModel):
-    """Where the services' spans go: over the bus to the exporter (stored, then forwarded), straight to OTLP, or nowhere."""
+    """Where spans go: over the bus to the exporter (stored, then forwarded), straight to OTLP, or nowhere."""
 
     spans: Literal["bus", "otlp", "off"] = Field(
         default="bus",
@@ -187,7 +187,9 @@ class TelemetryConfig(BaseModel):
     forward_attempts: int = Field(default=3, ge=1, le=10, description="exporter: tries per batch before giving up.")
     max_queue_size: int = Field(default=4096, ge=16, description="Finished spans held for export; more are dropped.")
     max_export_batch_size: int = Field(default=256, ge=1, le=2048, description="Spans per bus message / OTLP call.")
-    schedule_delay_ms: int = Field(default=500, ge=10, le=60_000, description="Longest wait before a partial batch goes.")
+    schedule_delay_ms: int = Field(
+        default=500, ge=10, le=60_000, description="Longest wait before a partial batch goes."
+    )
 
 
 class CommonSettings(BaseSettings):

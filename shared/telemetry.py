@@ -17,7 +17,6 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
@@ -39,7 +38,8 @@ from shared.settings import CommonSettings, TelemetryConfig
 logger = logging.getLogger(__name__)
 
 SEND_TIMEOUT_S = 10.0  # a publish that takes longer is counted as failed; the export thread moves on
-DESTINATION_ATTRIBUTE = "messaging.destination.name"
+# Where FastStream names the topic of a publish span, and of a consume span.
+DESTINATION_ATTRIBUTES = ("messaging.destination.name", "messaging.destination_publish.name")
 
 
 class ExportStats:
@@ -94,10 +94,12 @@ class BusSpanExporter(SpanExporter):
         future = asyncio.run_coroutine_threadsafe(self._send(payload), self._loop)
         try:
             future.result(SEND_TIMEOUT_S)
-        except (Exception, FutureTimeout) as error:
+        except Exception as error:  # including the timeout: the span batch is lost, the service is not
             future.cancel()
             self.stats.add_dropped("export_failed", len(spans))
-            logger.warning("could not publish %d spans to %s: %s: %s", len(spans), self.topic, type(error).__name__, error)
+            logger.warning(
+                "could not publish %d spans to %s: %s: %s", len(spans), self.topic, type(error).__name__, error
+            )
             return SpanExportResult.FAILURE
         self.stats.add_exported(len(spans))
         return SpanExportResult.SUCCESS
@@ -200,7 +202,8 @@ class _Settled(SpanExporter):
 
 def is_spans_traffic(span: ReadableSpan) -> bool:
     """True for a span about publishing to or consuming from the spans topic."""
-    return (span.attributes or {}).get(DESTINATION_ATTRIBUTE) == topics.SPANS
+    attributes = span.attributes or {}
+    return any(attributes.get(key) == topics.SPANS for key in DESTINATION_ATTRIBUTES)
 
 
 class StatsCollector(Collector):
@@ -233,24 +236,23 @@ def span_exporter(settings: CommonSettings, service: str, stats: ExportStats) ->
     return None
 
 
-_process_stats: ExportStats | None = None
-"""The process's span export counts: the tracer provider is process-wide, and so are they."""
+_process_stats: dict[str, ExportStats] = {}
+"""The process's span export counts (key "stats"): the tracer provider is process-wide, and so are they."""
 
 
 def setup_tracing(service: str, settings: CommonSettings, registry: CollectorRegistry | None = None) -> None:
     """Give the process a tracer provider whose spans go where `telemetry.spans` says (once per process)."""
-    global _process_stats
-    if _process_stats is None or not isinstance(trace.get_tracer_provider(), TracerProvider):
+    if "stats" not in _process_stats or not isinstance(trace.get_tracer_provider(), TracerProvider):
         stats = ExportStats()
         provider = TracerProvider(resource=Resource({"service.name": service}))
         exporter = span_exporter(settings, service, stats)
         if exporter is not None:
             provider.add_span_processor(ExportingProcessor(exporter, settings.telemetry, stats))
         trace.set_tracer_provider(provider)
-        _process_stats = stats
+        _process_stats["stats"] = stats
         logger.debug("tracing %s: spans go to %s", service, settings.telemetry.spans)
     if registry is not None:
-        registry.register(StatsCollector(_process_stats))
+        registry.register(StatsCollector(_process_stats["stats"]))
 
 
 def flush_spans(timeout_millis: int = 5_000) -> None:
@@ -281,6 +283,7 @@ def timed_span(
     parent: otel_context.Context,
     start_ns: int,
     end_ns: int,
+    *,
     attributes: dict[str, Any] | None = None,
     links: Sequence[Link] = (),
 ) -> trace.Span:

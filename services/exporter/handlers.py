@@ -126,7 +126,7 @@ def trace_persisted(items: list[tuple[ConsumerRecord, MessageT]], name: str, sta
     ended_ns = time.time_ns()
     for record, item in items:
         attributes = {"autoglm.request_id": item.request_id, "messaging.destination.name": record.topic}
-        timed_span(name, record_context(record), started_ns, ended_ns, attributes)
+        timed_span(name, record_context(record), started_ns, ended_ns, attributes=attributes)
 
 
 def trace_id_of(record: ConsumerRecord) -> str | None:

@@ -62,6 +62,14 @@ def from_unix_nano(nanos: int) -> datetime:
     return datetime.fromtimestamp(nanos / 1e9, UTC)
 
 
+def event_json(event: Span.Event) -> dict[str, Any]:
+    return {
+        "name": event.name,
+        "time": from_unix_nano(event.time_unix_nano).isoformat(),
+        "attributes": attributes_of(event.attributes),
+    }
+
+
 def span_row(span: Span, service: str) -> dict[str, Any]:
     """The `spans` row of one OTLP span."""
     return without_nul(
@@ -78,11 +86,7 @@ def span_row(span: Span, service: str) -> dict[str, Any]:
             "status_code": STATUS_CODES.get(span.status.code, "unset"),
             "status_message": span.status.message or None,
             "attributes": attributes_of(span.attributes),
-            "events": [
-                {"name": event.name, "time": from_unix_nano(event.time_unix_nano).isoformat(),
-                 "attributes": attributes_of(event.attributes)}
-                for event in span.events
-            ],  # fmt: skip
+            "events": [event_json(event) for event in span.events],
             "links": [{"trace_id": link.trace_id.hex(), "span_id": link.span_id.hex()} for link in span.links],
         }
     )
@@ -157,7 +161,9 @@ class SpanForwarder:
         await self.client.aclose()
 
 
-def parse_batches(records: tuple[ConsumerRecord, ...]) -> tuple[list[tuple[bytes, ExportTraceServiceRequest]], list[tuple[ConsumerRecord, DecodeError]]]:
+def parse_batches(
+    records: tuple[ConsumerRecord, ...],
+) -> tuple[list[tuple[bytes, ExportTraceServiceRequest]], list[tuple[ConsumerRecord, DecodeError]]]:
     """The records that hold OTLP export requests, and those that do not (with why)."""
     good, bad = [], []
     for record in records:
@@ -204,7 +210,9 @@ def register_span_handlers(
             return
         stored.inc(inserted)
         for record, error in bad:
-            await publish_dead_letter(broker, service="exporter", source_topic=record.topic, body=record.value, error=error)
+            await publish_dead_letter(
+                broker, service="exporter", source_topic=record.topic, body=record.value, error=error
+            )
         if forwarder is not None:
             await forwarder.forward([payload for payload, _ in good])
         await message.ack()

@@ -29,8 +29,8 @@ from shared.db.keys import KeyStore
 from shared.db.migrate import upgrade_async
 from shared.kafka import ensure_topics, make_broker
 from shared.registry import RegistryView
-from shared.telemetry import setup_tracing
 from shared.settings import load_settings
+from shared.telemetry import setup_tracing
 
 logger = logging.getLogger(__name__)
 

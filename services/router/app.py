@@ -16,8 +16,8 @@ from services.router.scoring import use_scorer
 from shared.kafka import ensure_topics, make_broker
 from shared.registry import RegistryView
 from shared.service import ops_routes
-from shared.telemetry import setup_tracing
 from shared.settings import load_settings
+from shared.telemetry import setup_tracing
 
 SERVICE = "router"
 

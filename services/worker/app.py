@@ -19,8 +19,8 @@ from shared.kafka import ensure_topics, make_broker
 from shared.messages import ModelCard, utcnow
 from shared.registry import CHAT_INPUTS, CHAT_OUTPUTS, RegistryPublisher, new_instance_id
 from shared.service import ops_routes
-from shared.telemetry import setup_tracing
 from shared.settings import load_settings
+from shared.telemetry import setup_tracing
 
 logger = logging.getLogger(__name__)
 

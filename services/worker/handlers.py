@@ -64,13 +64,13 @@ def register_handlers(
         metrics.observe(pool, outcomes)
         await asyncio.gather(
             *(
-                settle_traced(record, job, outcome, attempt, taken_ns, len(jobs))
+                settle_traced(record, job, outcome, attempt=attempt, taken_ns=taken_ns, batch_size=len(jobs))
                 for (job, attempt, record), outcome in zip(jobs, outcomes, strict=True)
             )
         )
 
     async def settle_traced(
-        record: ConsumerRecord, job: RoutedJob, outcome: Outcome, attempt: int, taken_ns: int, batch_size: int
+        record: ConsumerRecord, job: RoutedJob, outcome: Outcome, *, attempt: int, taken_ns: int, batch_size: int
     ) -> None:
         """Settle in the job's own trace, so its result carries that trace on to the exporter and the caller."""
         with job_span(record, job, attempt, taken_ns) as span:

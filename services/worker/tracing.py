@@ -75,4 +75,4 @@ def inference_span(parent: trace.Span, result: ChatResult) -> None:
         "gen_ai.usage.output_tokens": result.usage.completion_tokens,
     }
     start_ns = end_ns - int(result.timings.inference_ms * NS_PER_MS)
-    timed_span("inference", trace.set_span_in_context(parent), start_ns, end_ns, attributes)
+    timed_span("inference", trace.set_span_in_context(parent), start_ns, end_ns, attributes=attributes)

@@ -61,7 +61,11 @@ def wait_for_trace(stack: Stack, trace_id: str, wanted: set[str], limit_s: float
     deadline = time.monotonic() + limit_s
     while True:
         trace = jaeger_trace(stack, trace_id)
-        have = {f"{trace['processes'][s['processID']]['serviceName']}:{s['operationName']}" for s in trace["spans"]} if trace else set()
+        have = (
+            {f"{trace['processes'][s['processID']]['serviceName']}:{s['operationName']}" for s in trace["spans"]}
+            if trace
+            else set()
+        )
         if wanted <= have:
             assert trace is not None
             return trace
@@ -101,7 +105,7 @@ REQUIRED = {
 def test_one_request_is_one_trace_in_jaeger_with_intact_parent_links(stack: Stack) -> None:
     trace_id = ask(stack, "follow me")
     trace = wait_for_trace(stack, trace_id, REQUIRED)
-    assert SERVICES <= services_of(trace)
+    assert services_of(trace) >= SERVICES
     roots = [span for span in trace["spans"] if parent_of(span) is None]
     assert [root["operationName"] for root in roots] == ["POST /v1/chat/completions"]
 
@@ -110,8 +114,10 @@ def test_one_request_is_one_trace_in_jaeger_with_intact_parent_links(stack: Stac
     chain = ancestors(trace, persisted)
     for hop in ("worker:run job", "router:route request", "gateway:POST /v1/chat/completions"):
         assert hop in chain, f"{hop} is not an ancestor of the persisted result: {chain}"
-    assert chain.index("worker:run job") < chain.index("router:route request") < chain.index(
-        "gateway:POST /v1/chat/completions"
+    assert (
+        chain.index("worker:run job")
+        < chain.index("router:route request")
+        < chain.index("gateway:POST /v1/chat/completions")
     )
     run_job = span_named(trace, "worker", "run job")
     for child in ("queue wait", "inference"):
@@ -183,7 +189,7 @@ async def test_spans_can_go_straight_to_jaeger_instead_of_the_bus(stack: Stack) 
         trace = await asyncio.to_thread(
             wait_for_trace, stack, trace_id, {"gateway:POST /v1/chat/completions", "exporter:persist ChatResult"}
         )
-    assert SERVICES <= services_of(trace)
+    assert services_of(trace) >= SERVICES
     stored = await stored_spans(stack, trace_id)
     # The other services still use the bus; only this gateway's spans skipped PostgreSQL.
     assert stored and "gateway" not in {row["service"] for row in stored.values()}

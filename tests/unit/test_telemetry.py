@@ -37,7 +37,9 @@ def finished_spans() -> list[ReadableSpan]:
     tracer = provider.get_tracer("test")
     with tracer.start_as_current_span("route request", kind=SpanKind.CONSUMER) as parent:
         link = Link(parent.get_span_context())
-        with tracer.start_as_current_span("score", attributes={"autoglm.score": 0.25, "tags": ["a", "b"]}, links=[link]) as child:
+        with tracer.start_as_current_span(
+            "score", attributes={"autoglm.score": 0.25, "tags": ["a", "b"]}, links=[link]
+        ) as child:
             child.add_event("scored", {"n": 3})
     return list(memory.get_finished_spans())
 
@@ -84,7 +86,8 @@ def test_the_spans_topics_own_traffic_is_never_exported() -> None:
     recording, stats = Recording(), ExportStats()
     processor = ExportingProcessor(recording, TelemetryConfig(schedule_delay_ms=10), stats)
     tracer = provider_with(processor).get_tracer("test")
-    tracer.start_span("autoglm.spans process", attributes={"messaging.destination.name": topics.SPANS}).end()
+    tracer.start_span("autoglm.spans process", attributes={"messaging.destination_publish.name": topics.SPANS}).end()
+    tracer.start_span("autoglm.spans publish", attributes={"messaging.destination.name": topics.SPANS}).end()
     tracer.start_span("autoglm.results process", attributes={"messaging.destination.name": topics.RESULTS}).end()
     processor.force_flush()
     assert [span.name for span in recording.spans] == ["autoglm.results process"]

@@ -31,9 +31,7 @@ def upgrade() -> None:
         sa.Column("status_message", sa.Text, nullable=True),
         sa.Column("attributes", postgresql.JSONB, nullable=False),
         sa.Column("events", postgresql.JSONB, nullable=False, server_default="[]"),
-        sa.Column(
-            "links", postgresql.JSONB, nullable=False, server_default="[]", comment="[{trace_id, span_id}]"
-        ),
+        sa.Column("links", postgresql.JSONB, nullable=False, server_default="[]", comment="[{trace_id, span_id}]"),
         sa.Column("stored_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     )
     op.create_index("ix_spans_service", "spans", ["service"])
