@@ -14,6 +14,7 @@ from aiokafka import ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
+from opentelemetry import trace
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -125,8 +126,11 @@ def trace_persisted(items: list[tuple[ConsumerRecord, MessageT]], name: str, sta
     """A span per stored message in the trace it came with, timed as the batch's database write."""
     ended_ns = time.time_ns()
     for record, item in items:
+        context = record_context(record)
+        if not trace.get_current_span(context).get_span_context().is_valid:
+            continue  # a producer that sends no trace context: a lone span would be a trace of its own
         attributes = {"autoglm.request_id": item.request_id, "messaging.destination.name": record.topic}
-        timed_span(name, record_context(record), started_ns, ended_ns, attributes=attributes)
+        timed_span(name, context, started_ns, ended_ns, attributes=attributes)
 
 
 def trace_id_of(record: ConsumerRecord) -> str | None:

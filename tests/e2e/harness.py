@@ -43,11 +43,11 @@ def infra_env() -> dict[str, str]:
     }
 
 
-def run_script(script: str, *args: str) -> str:
+def run_script(script: str, *args: str, timeout: float = 900) -> str:
     """Run a deploy/local script; its progress lines go to the test log."""
     completed = subprocess.run(
         ["bash", str(REPO / "deploy" / "local" / script), *args],
-        env=infra_env(), check=True, capture_output=True, text=True, timeout=900,
+        env=infra_env(), check=True, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     sys.stderr.write(completed.stdout + completed.stderr)
     return completed.stdout.strip()
@@ -69,7 +69,7 @@ def start_infra() -> Infra:
     """Start (or reuse) the test Kafka, PostgreSQL and Jaeger (built on first use)."""
     run_script("kafka.sh", "start")
     run_script("postgres.sh", "start")
-    run_script("jaeger.sh", "start")
+    run_script("jaeger.sh", "start", timeout=2400)  # the first start builds Jaeger: minutes on 2 cores
     bootstrap = os.environ.get("AUTOGLM_KAFKA_BOOTSTRAP", f"127.0.0.1:{KAFKA_PORT}")
     return Infra(kafka_bootstrap=bootstrap, database_url=run_script("postgres.sh", "url").splitlines()[-1])
 
