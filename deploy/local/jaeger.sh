@@ -75,11 +75,12 @@ find_go() {
 
 # Prints a line every 30 s while the build (pid $1) runs, so a long first build is not mistaken for a hang.
 report_progress() {
-    local pid=$1 start=$SECONDS
+    local pid=$1 start=$SECONDS next=30
     while kill -0 "$pid" 2>/dev/null; do
-        sleep 5
-        if (((SECONDS - start) % 30 < 5)) && kill -0 "$pid" 2>/dev/null; then
+        sleep 2
+        if ((SECONDS - start >= next)) && kill -0 "$pid" 2>/dev/null; then
             echo "  still building Jaeger ($((SECONDS - start))s)..."
+            next=$((next + 30))
         fi
     done
 }
@@ -93,7 +94,7 @@ cmd_build() {
     exec 8>"$BIN_DIR/.build.lock"
     flock 8
     [[ -x $BIN ]] && return 0  # built by a concurrent start while we waited
-    echo "building Jaeger $JAEGER_VERSION from its Go module with $("$GO" env GOVERSION) (first run only: a few minutes)..."
+    echo "building Jaeger $JAEGER_VERSION from its Go module with $("$GO" env GOVERSION) (first run only: about 8 min of CPU time)..."
     local start=$SECONDS src build_log tmp="$BIN.tmp.$$"
     build_log=$(mktemp)
     export GOFLAGS=-modcacherw  # keep the module cache deletable without root
