@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from shared import topics
 from shared.messages import DeadLetter
-from tests.e2e.harness import PORT_BASE, Stack
+from tests.e2e.harness import PORT_BASE, Stack, run_script
 from tests.e2e.test_pipeline import plain_dsn, wait_for_assignment
 
 SERVICES = {"gateway", "router", "worker", "exporter"}
@@ -193,3 +193,41 @@ async def test_spans_can_go_straight_to_jaeger_instead_of_the_bus(stack: Stack) 
     stored = await stored_spans(stack, trace_id)
     # The other services still use the bus; only this gateway's spans skipped PostgreSQL.
     assert stored and "gateway" not in {row["service"] for row in stored.values()}
+
+
+def forward_failures(stack: Stack) -> float:
+    """The exporter's count of span batches it gave up forwarding."""
+    exporter = next(service for service in stack.services if service.name == "exporter")
+    text = httpx.get(f"http://127.0.0.1:{exporter.port}/metrics", timeout=10).text
+    samples = [
+        line.split()[-1] for line in text.splitlines() if line.startswith("autoglm_spans_forward_failures_total")
+    ]
+    return float(samples[0]) if samples else 0.0
+
+
+async def wait_for_stored(stack: Stack, trace_id: str, wanted: set[str], limit_s: float = 60.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while True:
+        have = {f"{row['service']}:{row['name']}" for row in (await stored_spans(stack, trace_id)).values()}
+        if wanted <= have:
+            return
+        assert time.monotonic() < deadline, f"PostgreSQL has {sorted(have)} of {trace_id}, missing {wanted - have}"
+        await asyncio.sleep(0.5)
+
+
+@pytest.mark.timeout(300)
+async def test_with_jaeger_down_spans_still_reach_postgresql_and_the_lost_forwards_are_counted(stack: Stack) -> None:
+    before = await asyncio.to_thread(forward_failures, stack)
+    await asyncio.to_thread(run_script, "jaeger.sh", "stop")
+    try:
+        trace_id = await asyncio.to_thread(ask, stack, "while Jaeger is away")
+        await wait_for_stored(stack, trace_id, REQUIRED)
+        deadline = time.monotonic() + 60
+        while await asyncio.to_thread(forward_failures, stack) <= before:
+            assert time.monotonic() < deadline, "no forwarding failure counted"
+            await asyncio.sleep(0.5)
+    finally:
+        await asyncio.to_thread(run_script, "jaeger.sh", "start")
+    # The exporter did not stall: the next request's trace reaches the new Jaeger.
+    trace_id = await asyncio.to_thread(ask, stack, "Jaeger is back")
+    await asyncio.to_thread(wait_for_trace, stack, trace_id, REQUIRED)
