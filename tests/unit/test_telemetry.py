@@ -21,11 +21,13 @@ from opentelemetry.trace import Link, SpanKind
 from prometheus_client import CollectorRegistry
 
 from services.exporter.spans import SpanForwarder, span_rows
+from services.router.config import RouterSettings
 from services.worker.tracing import job_span
 from shared import topics
 from shared.logging import ContextFilter, JsonFormatter
 from shared.messages import ChatMessage, ChatRequest, RoutedJob
 from shared.settings import TelemetryConfig
+from shared.supervisor import traces_lines
 from shared.telemetry import ExportingProcessor, ExportStats, StatsCollector, otlp_traces_url
 
 
@@ -155,3 +157,16 @@ def test_a_worker_log_line_inside_a_job_carries_its_trace_and_request_id() -> No
         log.removeHandler(handler)
     line = json.loads(stream.getvalue())
     assert line["trace_id"] == trace_id and line["request_id"] == job.request_id and line["service"] == "worker"
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("bus", "Traces       http://127.0.0.1:16686  (Jaeger UI and query API, stored in PostgreSQL table spans)"),
+        ("otlp", "Traces       http://127.0.0.1:16686  (Jaeger UI and query API)"),
+        ("off", "Traces       off (telemetry.spans)"),
+    ],
+)
+def test_make_run_says_where_the_traces_are(mode: str, expected: str) -> None:
+    settings = RouterSettings(telemetry=TelemetryConfig(spans=mode))  # type: ignore[arg-type]
+    assert traces_lines(settings) == [f"  {expected}"]
