@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
@@ -27,7 +27,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace import Link
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
@@ -266,16 +266,6 @@ def record_context(record: ConsumerRecord) -> otel_context.Context:
     """The trace context a Kafka record carries in its W3C `traceparent` header."""
     headers = {key: value.decode("latin-1") for key, value in record.headers or ()}
     return propagate.extract(headers)
-
-
-@contextlib.contextmanager
-def continued(record: ConsumerRecord, name: str, **attributes: Any) -> Iterator[trace.Span]:
-    """A consumer span continuing the record's trace, current inside the block."""
-    tracer = trace.get_tracer("autoglm")
-    with tracer.start_as_current_span(
-        name, context=record_context(record), kind=SpanKind.CONSUMER, attributes=attributes
-    ) as span:
-        yield span
 
 
 def timed_span(
