@@ -24,13 +24,15 @@ $(STAMP): pyproject.toml constraints.txt
 	@rm -f $(VENV)/.installed-*; touch $@
 	@echo "setup done: $(VENV)/bin/autoglm --help"
 
-up: setup  ## start local Kafka and PostgreSQL (unless AUTOGLM_KAFKA_BOOTSTRAP / AUTOGLM_DATABASE_URL), create topics, migrate
+up: setup  ## start local Kafka, PostgreSQL (unless AUTOGLM_KAFKA_BOOTSTRAP / AUTOGLM_DATABASE_URL) and Jaeger, create topics, migrate
 	bash deploy/local/kafka.sh start
 	bash deploy/local/postgres.sh start
+	bash deploy/local/jaeger.sh start
 	$(VENV)/bin/autoglm topics create
 	$(VENV)/bin/autoglm db migrate
 
-down:  ## stop local Kafka and PostgreSQL
+down:  ## stop local Kafka, PostgreSQL and Jaeger
+	bash deploy/local/jaeger.sh stop
 	bash deploy/local/kafka.sh stop
 	bash deploy/local/postgres.sh stop
 

@@ -76,6 +76,7 @@ def topic_partitions(settings: CommonSettings) -> dict[str, int]:
         topics.REPLIES: spec.replies.partitions,
         topics.DEADLETTER: spec.deadletter.partitions,
         topics.FEEDBACK: spec.feedback.partitions,
+        topics.SPANS: spec.spans.partitions,
     }
     for name, pool in settings.pools.items():
         wanted[topics.jobs_topic(name)] = pool.partitions

@@ -10,9 +10,6 @@ from typing import Any, Protocol
 
 import uvicorn
 from faststream.asgi import AsgiResponse, get
-from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, make_asgi_app
 
 from shared.logging import setup_logging
@@ -29,12 +26,6 @@ class Listener(Protocol):
 
     host: str
     port: int
-
-
-def setup_tracing(service: str) -> None:
-    """Give the process a tracer provider so trace ids exist and travel in Kafka headers."""
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        trace.set_tracer_provider(TracerProvider(resource=Resource({"service.name": service})))
 
 
 def _json(status: int, body: dict[str, Any]) -> AsgiResponse:

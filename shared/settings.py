@@ -176,7 +176,33 @@ class TopicsConfig(BaseModel):
     )
     deadletter: TopicSpec = TopicSpec(partitions=1)
     feedback: TopicSpec = TopicSpec(partitions=1)
+    spans: TopicSpec = TopicSpec(partitions=1)
     replication_factor: int = Field(default=1, ge=1)
+
+
+class TelemetryConfig(BaseModel):
+    """Where spans go: over the bus to the exporter (stored, then forwarded), straight to OTLP, or nowhere."""
+
+    spans: Literal["bus", "otlp", "off"] = Field(
+        default="bus",
+        description="bus: publish to autoglm.spans (the exporter stores them and forwards them to otlp_endpoint); "
+        "otlp: each service sends to otlp_endpoint itself; off: trace ids only, no spans leave the process.",
+    )
+    otlp_endpoint: str = Field(
+        default="http://127.0.0.1:4318",
+        pattern=r"^https?://",
+        description="OTLP/HTTP base URL (Jaeger, a collector); spans are POSTed to <endpoint>/v1/traces.",
+    )
+    traces_ui: str = Field(
+        default="http://127.0.0.1:16686", description="Where people look at traces (Jaeger); printed by `autoglm run`."
+    )
+    forward_spans: bool = Field(default=True, description="exporter: forward the spans it stores to otlp_endpoint.")
+    forward_attempts: int = Field(default=3, ge=1, le=10, description="exporter: tries per batch before giving up.")
+    max_queue_size: int = Field(default=4096, ge=16, description="Finished spans held for export; more are dropped.")
+    max_export_batch_size: int = Field(default=256, ge=1, le=2048, description="Spans per bus message / OTLP call.")
+    schedule_delay_ms: int = Field(
+        default=500, ge=10, le=60_000, description="Longest wait before a partial batch goes."
+    )
 
 
 class CommonSettings(BaseSettings):
@@ -194,6 +220,7 @@ class CommonSettings(BaseSettings):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     retries: RetryConfig = Field(default_factory=RetryConfig)
     topics: TopicsConfig = Field(default_factory=TopicsConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     @model_validator(mode="after")
     def _routing_names_known_pools(self) -> Self:

@@ -228,6 +228,15 @@ async def run_stack(settings: CommonSettings, gateway_port: int, base_ports: dic
     return 0
 
 
+def traces_lines(settings: CommonSettings) -> list[str]:
+    """Where to look at traces, unless spans are off."""
+    telemetry = settings.telemetry
+    if telemetry.spans == "off":
+        return ["  Traces       off (telemetry.spans)"]
+    stored = ", stored in PostgreSQL table spans" if telemetry.spans == "bus" else ""
+    return [f"  Traces       {telemetry.traces_ui}  (Jaeger UI and query API{stored})"]
+
+
 def print_banner(supervisor: Supervisor, gateway_port: int, settings: CommonSettings) -> None:
     """What is where, once the stack answers end to end."""
     lines = [
@@ -236,6 +245,7 @@ def print_banner(supervisor: Supervisor, gateway_port: int, settings: CommonSett
         f"  OpenAI API   http://127.0.0.1:{gateway_port}/v1  (try: make demo)",
         f"  Kafka        {settings.kafka_bootstrap}",
         f"  PostgreSQL   {settings.database_url}",
+        *traces_lines(settings),
         *(f"  {child.spec.name:<12} http://127.0.0.1:{child.spec.port}/metrics" for child in supervisor.children),
         f"  logs         {supervisor.log_dir}",
         "Press Ctrl-C to stop.",

@@ -54,3 +54,6 @@ CONTROL = "autoglm.control"
 
 FEEDBACK = "autoglm.feedback"
 """Feedback: clients' scores of completions, keyed by request id: gateway -> exporter."""
+
+SPANS = "autoglm.spans"
+"""OTLP ExportTraceServiceRequest bytes (opentelemetry-proto): every service's finished spans -> exporter."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,10 @@ import pytest
 from services.router.config import RouterSettings
 from services.worker.checkpoints import ensure_tiny_checkpoints
 from shared.settings import var_dir
+
+# Apps built inside the test process (handler tests) keep their spans to themselves: there is no bus
+# to publish them on. The e2e services are separate processes and send theirs (see the harness).
+os.environ.setdefault("AUTOGLM_TELEMETRY__SPANS", "off")
 
 
 @pytest.fixture

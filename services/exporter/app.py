@@ -10,11 +10,13 @@ from sqlalchemy import text
 
 from services.exporter.config import ExporterSettings
 from services.exporter.handlers import register_handlers
+from services.exporter.spans import register_span_handlers
 from shared.db import make_engine
 from shared.db.migrate import upgrade_async
 from shared.kafka import ensure_topics, make_broker
-from shared.service import ops_routes, setup_tracing
+from shared.service import ops_routes
 from shared.settings import load_settings
+from shared.telemetry import flush_spans, setup_tracing
 
 SERVICE = "exporter"
 
@@ -22,11 +24,12 @@ SERVICE = "exporter"
 def create_app(settings: ExporterSettings | None = None) -> AsgiFastStream:
     """The exporter as an ASGI FastStream app."""
     settings = settings or load_settings(ExporterSettings)
-    setup_tracing(SERVICE)
     registry = CollectorRegistry()
+    setup_tracing(SERVICE, settings, registry)
     broker = make_broker(settings, service=SERVICE, registry=registry)
     engine = make_engine(settings.database_url)
     register_handlers(broker, settings, engine)
+    forwarder = register_span_handlers(broker, settings, engine, registry)
 
     async def prepare() -> None:
         await ensure_topics(settings)
@@ -34,6 +37,9 @@ def create_app(settings: ExporterSettings | None = None) -> AsgiFastStream:
             await upgrade_async(settings.database_url)
 
     async def close_engine() -> None:
+        flush_spans()
+        if forwarder is not None:
+            await forwarder.close()
         await engine.dispose()
 
     async def ready() -> str | None:

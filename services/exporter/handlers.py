@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -13,6 +14,7 @@ from aiokafka import ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
+from opentelemetry import trace
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -21,6 +23,7 @@ from services.exporter.store import store_feedback, store_requests, store_result
 from shared import topics
 from shared.kafka import FETCH_MAX_WAIT_MS, publish_dead_letter
 from shared.messages import ChatRequest, ChatResult, Feedback
+from shared.telemetry import record_context, timed_span
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ def register_handlers(broker: KafkaBroker, settings: ExporterSettings, engine: A
             for record, item in parse_all(message.raw_message, model)
             if not getattr(item, "probe", False)  # probes are not stored
         ]
+        started_ns = time.time_ns()
         try:
             try:
                 inserted = await store(engine, items)
@@ -68,6 +72,7 @@ def register_handlers(broker: KafkaBroker, settings: ExporterSettings, engine: A
             await asyncio.sleep(backoff_s)
             await message.nack()
             return
+        trace_persisted(items, f"persist {model.__name__}", started_ns)
         await message.ack()
         logger.debug("stored %d new %s rows of %d", inserted, model.__name__, len(items))
 
@@ -115,6 +120,17 @@ async def store_result_records(engine: AsyncEngine, items: list[tuple[ConsumerRe
 
 async def store_feedback_records(engine: AsyncEngine, items: list[tuple[ConsumerRecord, Feedback]]) -> int:
     return await store_feedback(engine, [feedback for _, feedback in items])
+
+
+def trace_persisted(items: list[tuple[ConsumerRecord, MessageT]], name: str, started_ns: int) -> None:
+    """A span per stored message in the trace it came with, timed as the batch's database write."""
+    ended_ns = time.time_ns()
+    for record, item in items:
+        context = record_context(record)
+        if not trace.get_current_span(context).get_span_context().is_valid:
+            continue  # a producer that sends no trace context: a lone span would be a trace of its own
+        attributes = {"autoglm.request_id": item.request_id, "messaging.destination.name": record.topic}
+        timed_span(name, context, started_ns, ended_ns, attributes=attributes)
 
 
 def trace_id_of(record: ConsumerRecord) -> str | None:

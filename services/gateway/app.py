@@ -29,8 +29,8 @@ from shared.db.keys import KeyStore
 from shared.db.migrate import upgrade_async
 from shared.kafka import ensure_topics, make_broker
 from shared.registry import RegistryView
-from shared.service import setup_tracing
 from shared.settings import load_settings
+from shared.telemetry import setup_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ class Readiness:
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """The gateway as a FastAPI app whose lifespan runs the Kafka broker."""
     settings = settings or load_settings(GatewaySettings)
-    setup_tracing(SERVICE)
     registry = CollectorRegistry()
+    setup_tracing(SERVICE, settings, registry)
     broker = make_broker(settings, service=SERVICE, registry=registry)
     waiters = ReplyWaiters(registry)
     cache = ResponseCache(settings.gateway.cache.max_entries, settings.gateway.cache.ttl_s, registry)

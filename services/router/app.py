@@ -15,8 +15,9 @@ from services.router.load import PoolLoad
 from services.router.scoring import use_scorer
 from shared.kafka import ensure_topics, make_broker
 from shared.registry import RegistryView
-from shared.service import ops_routes, setup_tracing
+from shared.service import ops_routes
 from shared.settings import load_settings
+from shared.telemetry import setup_tracing
 
 SERVICE = "router"
 
@@ -24,8 +25,8 @@ SERVICE = "router"
 def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
     """The router as an ASGI FastStream app."""
     settings = settings or load_settings(RouterSettings)
-    setup_tracing(SERVICE)
     registry = CollectorRegistry()
+    setup_tracing(SERVICE, settings, registry)
     broker = make_broker(settings, service=SERVICE, registry=registry)
     registry_view = RegistryView()
     registry_view.subscribe(broker, title="model registry (router)")  # live pools: routing skips dead ones

@@ -18,8 +18,9 @@ from services.worker.metrics import WorkerMetrics, register_gpu_gauges
 from shared.kafka import ensure_topics, make_broker
 from shared.messages import ModelCard, utcnow
 from shared.registry import CHAT_INPUTS, CHAT_OUTPUTS, RegistryPublisher, new_instance_id
-from shared.service import ops_routes, setup_tracing
+from shared.service import ops_routes
 from shared.settings import load_settings
+from shared.telemetry import setup_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,8 @@ def model_card(settings: WorkerSettings, model: LoadedModel, instance_id: str, s
 def create_app(settings: WorkerSettings | None = None) -> AsgiFastStream:
     """A worker as an ASGI FastStream app; models load before the subscriber starts, then are registered."""
     settings = settings or load_settings(WorkerSettings)
-    setup_tracing(SERVICE)
     registry = CollectorRegistry()
+    setup_tracing(SERVICE, settings, registry)
     broker = make_broker(settings, service=SERVICE, registry=registry)
     models: dict[str, LoadedModel] = {}
     publisher: RegistryPublisher | None = None

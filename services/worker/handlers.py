@@ -25,6 +25,7 @@ from services.worker.config import WorkerSettings
 from services.worker.execution import JobFailure, LoadedModel, Outcome, exhausted_result, run_batch
 from services.worker.metrics import WorkerMetrics
 from services.worker.streaming import StreamRelay
+from services.worker.tracing import job_span, record_outcome
 from shared import topics
 from shared.cancellation import CancelledRequests
 from shared.kafka import FETCH_MAX_WAIT_MS, publish_dead_letter, publish_result, rewind
@@ -56,13 +57,26 @@ def register_handlers(
 
     async def run_and_settle(records: tuple[ConsumerRecord, ...]) -> None:
         jobs = await parse_jobs(broker, records)
-        relay = StreamRelay(broker, [job for job, _ in jobs])
-        outcomes = await run_batch([job for job, _ in jobs], models, cancelled, relay)
+        relay = StreamRelay(broker, [job for job, _, _ in jobs])
+        taken_ns = time.time_ns()
+        outcomes = await run_batch([job for job, _, _ in jobs], models, cancelled, relay)
         await relay.flush()  # every chunk before its result, on the same partition
         metrics.observe(pool, outcomes)
         await asyncio.gather(
-            *(settle(job, outcome, attempt) for (job, attempt), outcome in zip(jobs, outcomes, strict=True))
+            *(
+                settle_traced(record, job, outcome, attempt=attempt, taken_ns=taken_ns, batch_size=len(jobs))
+                for (job, attempt, record), outcome in zip(jobs, outcomes, strict=True)
+            )
         )
+
+    async def settle_traced(
+        record: ConsumerRecord, job: RoutedJob, outcome: Outcome, *, attempt: int, taken_ns: int, batch_size: int
+    ) -> None:
+        """Settle in the job's own trace, so its result carries that trace on to the exporter and the caller."""
+        with job_span(record, job, attempt, taken_ns) as span:
+            label = record_outcome(span, outcome)
+            await settle(job, outcome, attempt)
+            logger.info("job settled: %s (attempt %d, batch of %d)", label, attempt, batch_size)
 
     async def process(message: KafkaMessage, records: tuple[ConsumerRecord, ...]) -> None:
         """Run records (priority lane first) and settle every outcome; on any failure rewind so nothing is lost."""
@@ -204,12 +218,15 @@ async def with_fetched_priority_jobs(
     return records + tuple(chain.from_iterable(more.values()))
 
 
-async def parse_jobs(broker: KafkaBroker, records: tuple[ConsumerRecord, ...]) -> list[tuple[RoutedJob, int]]:
-    """Valid jobs of a batch with their attempt numbers; anything else is dead-lettered with the reason."""
+async def parse_jobs(
+    broker: KafkaBroker, records: tuple[ConsumerRecord, ...]
+) -> list[tuple[RoutedJob, int, ConsumerRecord]]:
+    """Valid jobs of a batch with their attempt numbers and records; anything else is dead-lettered with the reason."""
     jobs = []
     for record in records:
         try:
-            jobs.append((RoutedJob.model_validate_json(record.value), header_int(record, ATTEMPT_HEADER, 1)))
+            job = RoutedJob.model_validate_json(record.value)
+            jobs.append((job, header_int(record, ATTEMPT_HEADER, 1), record))
         except ValidationError as error:
             await publish_dead_letter(
                 broker, service=SERVICE, source_topic=record.topic, body=record.value, error=error

@@ -89,3 +89,25 @@ class ApiKeyRow(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     requests_per_minute: Mapped[int | None] = mapped_column(Integer)
     tokens_per_minute: Mapped[int | None] = mapped_column(Integer)
+
+
+class SpanRow(Base):
+    """One finished OpenTelemetry span of any service, as it came off the spans topic."""
+
+    __tablename__ = "spans"
+
+    trace_id: Mapped[str] = mapped_column(String(32), primary_key=True, comment="W3C trace id, 32 hex digits")
+    span_id: Mapped[str] = mapped_column(String(16), primary_key=True, comment="16 hex digits")
+    parent_span_id: Mapped[str | None] = mapped_column(String(16), comment="None: the root of its trace")
+    service: Mapped[str] = mapped_column(String(200), index=True, comment="Resource attribute service.name")
+    name: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(16), comment="internal, server, client, producer or consumer")
+    start_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    end_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    duration_ms: Mapped[float] = mapped_column(Float)
+    status_code: Mapped[str] = mapped_column(String(8), comment="unset, ok or error")
+    status_message: Mapped[str | None] = mapped_column(Text)
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    events: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default="[]")
+    links: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default="[]", comment="[{trace_id, span_id}]")
+    stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -1,4 +1,4 @@
-"""Starts a real stack for end-to-end tests: Kafka, PostgreSQL and the four services.
+"""Starts a real stack for end-to-end tests: Kafka, PostgreSQL, Jaeger and the four services.
 
 Infrastructure comes from the project's own scripts (deploy/local/), in a test-only var dir and
 on test-only ports, so a `make run` stack on the default ports is left alone.
@@ -27,6 +27,8 @@ TEST_VAR_DIR = var_dir() / "test"
 KAFKA_PORT = int(os.environ.get("AUTOGLM_TEST_KAFKA_PORT", "29092"))
 PG_PORT = int(os.environ.get("AUTOGLM_TEST_PG_PORT", "55433"))
 PORT_BASE = int(os.environ.get("AUTOGLM_TEST_PORT_BASE", "18000"))
+# Jaeger: query API / UI on the base, OTLP gRPC +1, OTLP HTTP +2, query gRPC +3, health +4.
+JAEGER_PORT_BASE = int(os.environ.get("AUTOGLM_TEST_JAEGER_PORT_BASE", "26686"))
 GATEWAY_PORT = PORT_BASE
 
 
@@ -37,14 +39,15 @@ def infra_env() -> dict[str, str]:
         "AUTOGLM_VAR_DIR": str(TEST_VAR_DIR),
         "AUTOGLM_KAFKA_PORT": str(KAFKA_PORT),
         "AUTOGLM_PG_PORT": str(PG_PORT),
+        "AUTOGLM_JAEGER_PORT_BASE": str(JAEGER_PORT_BASE),
     }
 
 
-def run_script(script: str, *args: str) -> str:
+def run_script(script: str, *args: str, timeout: float = 900) -> str:
     """Run a deploy/local script; its progress lines go to the test log."""
     completed = subprocess.run(
         ["bash", str(REPO / "deploy" / "local" / script), *args],
-        env=infra_env(), check=True, capture_output=True, text=True, timeout=900,
+        env=infra_env(), check=True, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     sys.stderr.write(completed.stdout + completed.stderr)
     return completed.stdout.strip()
@@ -52,22 +55,28 @@ def run_script(script: str, *args: str) -> str:
 
 @dataclass
 class Infra:
-    """Where the test Kafka and PostgreSQL are."""
+    """Where the test Kafka, PostgreSQL and Jaeger are."""
 
     kafka_bootstrap: str
     database_url: str
+    jaeger_url: str = f"http://127.0.0.1:{JAEGER_PORT_BASE}"
+    """Jaeger's query API (and UI)."""
+    otlp_endpoint: str = f"http://127.0.0.1:{JAEGER_PORT_BASE + 2}"
+    """Jaeger's OTLP/HTTP receiver."""
 
 
 def start_infra() -> Infra:
-    """Start (or reuse) the test Kafka and PostgreSQL."""
+    """Start (or reuse) the test Kafka, PostgreSQL and Jaeger (built on first use)."""
     run_script("kafka.sh", "start")
     run_script("postgres.sh", "start")
+    run_script("jaeger.sh", "start", timeout=2400)  # the first start builds Jaeger: minutes on 2 cores
     bootstrap = os.environ.get("AUTOGLM_KAFKA_BOOTSTRAP", f"127.0.0.1:{KAFKA_PORT}")
     return Infra(kafka_bootstrap=bootstrap, database_url=run_script("postgres.sh", "url").splitlines()[-1])
 
 
 def stop_infra() -> None:
-    """Stop the test Kafka and PostgreSQL (the data stays for the next run)."""
+    """Stop the test Kafka, PostgreSQL and Jaeger (the data stays for the next run; Jaeger's is in memory)."""
+    run_script("jaeger.sh", "stop")
     run_script("kafka.sh", "stop")
     run_script("postgres.sh", "stop")
 
@@ -190,6 +199,8 @@ def build_stack(infra: Infra, models_dir: Path) -> Stack:
         "AUTOGLM_DATABASE_URL": infra.database_url,
         "AUTOGLM_MODELS_DIR": str(models_dir),
         "AUTOGLM_LOG_FORMAT": "json",
+        "AUTOGLM_TELEMETRY__SPANS": "bus",
+        "AUTOGLM_TELEMETRY__OTLP_ENDPOINT": infra.otlp_endpoint,
         "AUTOGLM_GATEWAY__PORT": str(GATEWAY_PORT),
         "AUTOGLM_GATEWAY__REQUEST_TIMEOUT_S": "60",
         "AUTOGLM_ADMIN_KEY": generate_key(),

@@ -46,6 +46,14 @@ def test_unknown_fields_from_newer_producers_are_ignored() -> None:
 
 def test_the_asyncapi_document_covers_every_topic_and_the_stream_chunks() -> None:
     document = json.dumps(build_asyncapi())
-    for topic in (topics.REQUESTS, topics.RESULTS, topics.REPLIES, topics.CONTROL, topics.FEEDBACK, topics.REGISTRY):
+    for topic in (
+        topics.REQUESTS,
+        topics.RESULTS,
+        topics.REPLIES,
+        topics.CONTROL,
+        topics.FEEDBACK,
+        topics.REGISTRY,
+        topics.SPANS,
+    ):
         assert topic in document
     assert "ChatChunk" in document and "ChatResult" in document  # what a gateway's reply partition carries
