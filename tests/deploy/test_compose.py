@@ -178,8 +178,8 @@ def test_prometheus_scrapes_every_service_on_its_port() -> None:
 
 
 def exported_metrics() -> set[str]:
-    """Names of the prometheus_client metrics registered in services/ and shared/."""
-    pattern = re.compile(r"(?:Counter|Gauge|Histogram|Summary)\(\s*\"(autoglm_\w+)\"")
+    """Names of the prometheus_client metrics registered in services/ and shared/ (custom collectors' too)."""
+    pattern = re.compile(r"(?:Counter|Gauge|Histogram|Summary)(?:MetricFamily)?\(\s*\"(autoglm_\w+)\"")
     names = set()
     for folder in ("services", "shared"):
         for path in (REPO_ROOT / folder).rglob("*.py"):
