@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -257,8 +258,52 @@ def cmd_router_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_router_export_feedback(args: argparse.Namespace) -> int:
+    """Export clients' feedback on the light pool's answers as labelled JSONL for `autoglm router train`."""
+    from services.router.config import RouterSettings
+    from services.router.feedback_export import LabelRule, export_feedback, write_rows
+    from shared.db import make_engine
+
+    settings = load_settings(RouterSettings)
+    try:
+        rule = LabelRule(
+            light_pool=settings.routing.light_pool, hard_at_most=args.hard_at_most,
+            easy_at_least=args.easy_at_least, min_count=args.min_count, threshold=settings.routing.threshold,
+        )  # fmt: skip
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    async def run() -> list[dict[str, object]]:
+        engine = make_engine(args.database_url or settings.database_url, pool_size=1)
+        try:
+            export = await export_feedback(engine, rule, args.since)
+        finally:
+            await engine.dispose()
+        print(export.summary(), file=sys.stderr)
+        return export.rows
+
+    rows = asyncio.run(run())
+    if args.output == "-":
+        write_rows(rows, sys.stdout)
+    else:
+        with Path(args.output).open("w", encoding="utf-8") as out:
+            write_rows(rows, out)
+        print(f"wrote {len(rows)} rows to {args.output}", file=sys.stderr)
+    return 0
+
+
+def since(text: str) -> datetime:
+    """An argparse type: an ISO date or time; without a zone, UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not an ISO date or time: {text!r}") from error
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def add_router_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`autoglm router train|eval`."""
+    """`autoglm router train|eval|export-feedback`."""
     router = commands.add_parser("router", help="the learned complexity scorer").add_subparsers(
         dest="router_command", required=True, metavar="SUBCOMMAND"
     )
@@ -277,6 +322,24 @@ def add_router_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         sub.add_argument("--band", type=float, help="embedding band around it (default: router.scorer.band)")
     train.set_defaults(handler=cmd_router_train)
     evaluate.set_defaults(handler=cmd_router_eval)
+    add_export_feedback_command(router)
+
+
+def add_export_feedback_command(router: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`autoglm router export-feedback`: options of the labelling rule (data/router/DATA.md)."""
+    doc = cmd_router_export_feedback.__doc__
+    export = router.add_parser("export-feedback", help=doc, description=f"{doc} See data/router/DATA.md.")
+    export.add_argument("-o", "--output", default="-", help="JSONL file to write (default: stdout)")
+    export.add_argument(
+        "--since", type=since, help="only feedback sent at or after this ISO date/time (UTC if no zone)"
+    )
+    export.add_argument("--min-count", type=positive, default=1, help="fewest scores a prompt needs (default 1)")
+    hard_help = "mean score at or below which a light answer failed: label hard (default -0.5)"
+    export.add_argument("--hard-at-most", type=float, default=-0.5, help=hard_help)
+    easy_help = "mean score at or above which a light answer was enough: label easy (default 0.5)"
+    export.add_argument("--easy-at-least", type=float, default=0.5, help=easy_help)
+    export.add_argument("--database-url", help="default: AUTOGLM_DATABASE_URL or the local cluster")
+    export.set_defaults(handler=cmd_router_export_feedback)
 
 
 def build_parser() -> argparse.ArgumentParser:

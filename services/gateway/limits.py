@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,8 +26,8 @@ from services.gateway.auth import Principal
 from services.gateway.config import GatewaySettings
 from services.gateway.errors import ApiError
 from services.gateway.protocol import GenerationParams
-from shared import topics
 from shared.messages import ChatMessage
+from shared.queue_lag import read_queue
 from shared.settings import CommonSettings, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -194,13 +194,8 @@ def token_cost(body: GenerationParams, bounds: ModelBounds | None) -> int:
 # ---------------------------------------------------------------------------------- per gateway
 
 
-def worker_group(pool: str) -> str:
-    """The consumer group of a pool's workers (services/worker/handlers.py `group_id`)."""
-    return f"autoglm-worker-{pool}"
-
-
 class Backlog:
-    """How long the pools need to work off what is queued: jobs topics' lag / recent completion rate."""
+    """How long the pools need to work off what is queued (both lanes' lag) / recent completion rate."""
 
     def __init__(self, settings: CommonSettings, cache_s: float) -> None:
         self.settings = settings
@@ -243,20 +238,12 @@ class Backlog:
         return len(recent) / WINDOW_S
 
     async def _read_offsets(self) -> tuple[int, int]:
-        """(jobs not yet committed by their pool's workers, committed offsets summed) over every pool."""
+        """(jobs not yet committed by their pool's workers, committed offsets summed) over every pool and lane."""
         admin, consumer = await self._clients()
-        lag = committed_total = 0
-        for pool, config in self.settings.pools.items():
-            partitions = [TopicPartition(topics.jobs_topic(pool), index) for index in range(config.partitions)]
-            ends = await consumer.end_offsets(partitions)
-            starts = await consumer.beginning_offsets(partitions)
-            committed = await admin.list_consumer_group_offsets(worker_group(pool), partitions=partitions)
-            for partition in partitions:
-                meta = committed.get(partition)
-                position = meta.offset if meta is not None and meta.offset >= 0 else starts[partition]
-                lag += max(ends[partition] - position, 0)
-                committed_total += position
-        return lag, committed_total
+        queues = [
+            await read_queue(admin, consumer, pool, config.partitions) for pool, config in self.settings.pools.items()
+        ]
+        return sum(queue.lag for queue in queues), sum(queue.committed for queue in queues)
 
     async def _clients(self) -> tuple[AIOKafkaAdminClient, AIOKafkaConsumer]:
         # Opened on the first overload only: a gateway that is never full never needs them.

@@ -1,7 +1,7 @@
 """How loaded each pool is: its workers' consumer lag, read from Kafka, and its recent queue wait.
 
 Lag = end offset minus the worker group's committed offset, summed over the pool's jobs and priority
-partitions. Reading it costs two round trips, so a reading is reused for `lag_cache_s`.
+partitions (shared/queue_lag.py, as the gateway reads it). A reading is reused for `lag_cache_s`.
 """
 
 from __future__ import annotations
@@ -9,21 +9,16 @@ from __future__ import annotations
 import logging
 import time
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from shared import topics
+from shared.queue_lag import read_queue
 from shared.settings import CommonSettings
 
 logger = logging.getLogger(__name__)
 
 QUEUE_WAIT_SMOOTHING = 0.2
 """Weight of the newest result in the moving average of queue wait."""
-
-
-def worker_group(pool: str) -> str:
-    """The consumer group of a pool's workers (as the worker names it)."""
-    return f"autoglm-worker-{pool}"
 
 
 class PoolLoad:
@@ -70,15 +65,5 @@ class PoolLoad:
 
     async def _pool_lag(self, pool: str) -> int:
         assert self._admin is not None and self._consumer is not None
-        partitions = [
-            TopicPartition(topic, index)
-            for topic in (topics.jobs_topic(pool), topics.priority_topic(pool))
-            for index in range(self.settings.pools[pool].partitions)
-        ]
-        ends = await self._consumer.end_offsets(partitions)
-        committed = await self._admin.list_consumer_group_offsets(worker_group(pool), partitions=partitions)
-        lag = 0
-        for partition in partitions:
-            done = committed.get(partition)
-            lag += max(ends.get(partition, 0) - (done.offset if done is not None and done.offset >= 0 else 0), 0)
-        return lag
+        queue = await read_queue(self._admin, self._consumer, pool, self.settings.pools[pool].partitions)
+        return queue.lag

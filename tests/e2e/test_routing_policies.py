@@ -19,6 +19,9 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from services.gateway.config import GatewaySettings
+from services.gateway.idempotency import idempotent_request_id
+from services.gateway.limits import RETRY_AFTER_MAX_S, Backlog
 from services.router.config import RouterSettings
 from services.router.load import PoolLoad
 from shared import topics
@@ -26,7 +29,7 @@ from shared.messages import ChatMessage, ChatRequest, ChatResult, ErrorInfo, utc
 from tests.e2e.harness import Service, Stack
 from tests.e2e.test_pipeline import wait_for_assignment
 from tests.e2e.test_registry import restore_heavy, wait_until, worker
-from tests.e2e.test_request_tracking import status_when_finished
+from tests.e2e.test_request_tracking import admin_key_id, status_when_finished
 from tests.e2e.test_router_scorer import HARD_MATH
 from tests.e2e.test_worker_delivery import collect_results
 
@@ -73,6 +76,24 @@ async def restart_router(stack: Stack, extra_env: dict[str, str] | None = None) 
 async def tuned_router(stack: Stack) -> AsyncIterator[None]:
     """The router with TUNED_ROUTER's settings for one test, then with the stack's again."""
     await restart_router(stack, TUNED_ROUTER)
+    try:
+        yield
+    finally:
+        await restart_router(stack)
+
+
+# The breaker of heavy opens after 2 errors and stays open for the test; heavy has no fallback.
+NO_FALLBACK_ROUTER = {
+    "AUTOGLM_ROUTING__BREAKER__MIN_REQUESTS": "2",
+    "AUTOGLM_ROUTING__BREAKER__OPEN_S": "120",
+    "AUTOGLM_ROUTING__FALLBACK": '{"heavy": null}',
+}
+
+
+@pytest.fixture
+async def router_without_heavy_fallback(stack: Stack) -> AsyncIterator[None]:
+    """The router with NO_FALLBACK_ROUTER's settings for one test, then with the stack's again."""
+    await restart_router(stack, NO_FALLBACK_ROUTER)
     try:
         yield
     finally:
@@ -248,3 +269,50 @@ async def test_a_priority_request_jumps_the_queue(stack: Stack) -> None:
     assert later >= len(backlog) // 2, f"only {later} of {len(backlog)} earlier requests finished after it"
     routing = await routing_of(stack, urgent.request_id)
     assert routing["lane"] == "priority" and routing["policy"] == "explicit_model"
+
+
+@pytest.mark.usefixtures("router_without_heavy_fallback")
+async def test_an_open_breaker_without_fallback_is_a_fast_503_pool_unavailable(stack: Stack) -> None:
+    await publish_results(stack, failed_on_heavy(), failed_on_heavy())
+    caller = await admin_key_id(stack)
+    refused: dict[str, Any] = {}
+
+    async def answered_unavailable() -> bool:
+        key = f"unavailable-{uuid.uuid4()}"  # its request id is known to the client: Idempotency-Key
+        body = {"model": "auto", "messages": [{"role": "user", "content": HARD}], "max_tokens": 2}
+        headers = {**stack.auth_headers, "Idempotency-Key": key}
+        async with httpx.AsyncClient(base_url=stack.gateway_url, headers=headers, timeout=90) as http:
+            started = time.monotonic()
+            response = await http.post("/v1/chat/completions", json=body)
+        refused.update(response=response, seconds=time.monotonic() - started, id=idempotent_request_id(caller, key))
+        return response.status_code != 200  # a 200 from heavy: the router has not seen both errors yet
+
+    await wait_until(answered_unavailable, "a hard prompt answered pool_unavailable", 10)
+    response: httpx.Response = refused["response"]
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "pool_unavailable")
+    assert "breaker of heavy is open" in error["message"] and "retry later" in error["message"]
+    assert refused["seconds"] < 5, f"took {refused['seconds']:.1f} s: it waited instead of failing fast"
+    status = await status_when_finished(stack, refused["id"])
+    assert status["status"] == "failed" and status["error"]["code"] == "pool_unavailable"
+    routing = status["routing"]
+    assert routing["policy"] == "pool_unavailable" and routing["pool"] is None and routing["scored_pool"] == "heavy"
+    (note,) = routing["notes"]
+    assert note.startswith("breaker of heavy is open (") and note.endswith("and no fallback can take it")
+
+
+async def test_the_gateways_retry_after_counts_jobs_waiting_in_a_priority_lane(stack: Stack) -> None:
+    urgent = [ask(f"urgent {index}", model="tiny-light", priority=9) for index in range(3)]
+    backlog = Backlog(GatewaySettings(kafka_bootstrap=stack.infra.kafka_bootstrap), cache_s=0)
+    try:
+        with paused(worker(stack, "light")):
+            await publish(stack, *urgent)
+            await pool_lag_reaches(stack, "light", len(urgent))
+            # Queued work and no completion seen yet by this reader: the longest wait. Had the priority
+            # lane not counted, nothing would be queued and the answer would be the shortest, 1 s.
+            assert await backlog.retry_after_s() == RETRY_AFTER_MAX_S
+    finally:
+        await backlog.close()
+    for request in urgent:  # the lane is worked off once the pool runs again
+        assert (await routing_of(stack, request.request_id))["lane"] == "priority"

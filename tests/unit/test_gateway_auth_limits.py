@@ -20,10 +20,8 @@ from services.gateway.limits import (
     bounds_for,
     check_request,
     token_cost,
-    worker_group,
 )
 from services.gateway.protocol import ChatCompletionRequest
-from services.worker.handlers import group_id
 from shared.db.keys import KEY_PREFIX, ApiKey, generate_key, hash_key
 from shared.messages import utcnow
 from shared.supervisor import local_admin_key, service_specs
@@ -129,10 +127,6 @@ def test_the_token_cost_uses_the_default_max_tokens_when_none_is_asked() -> None
     bounds = bounds_for(GatewaySettings(), "tiny-light")
     assert token_cost(chat("tiny-light"), bounds) == token_cost(chat("tiny-light", max_tokens=16), bounds)
     assert token_cost(chat("tiny-light", max_tokens=100), bounds) > 100
-
-
-def test_the_backlog_reads_the_workers_group() -> None:
-    assert worker_group("light") == group_id("light")
 
 
 # ------------------------------------------------------------------------------------- body size
