@@ -25,6 +25,7 @@ def build_asyncapi() -> dict[str, Any]:
     """Register every service's subscribers and every topic's message on one broker; describe it."""
     from services.exporter.config import ExporterSettings
     from services.exporter.handlers import register_handlers as exporter_handlers
+    from services.exporter.metrics import ExporterMetrics
     from services.gateway.config import GatewaySettings
     from services.gateway.handlers import register_handlers as gateway_handlers
     from services.gateway.replies import ReplyWaiters
@@ -46,7 +47,8 @@ def build_asyncapi() -> dict[str, Any]:
     for pool in settings.pools:
         worker_settings = load_settings(WorkerSettings, worker={"pool": pool})
         worker_handlers(broker, worker_settings, {}, WorkerMetrics.create(CollectorRegistry(), pool))
-    exporter_handlers(broker, load_settings(ExporterSettings), engine=None)  # type: ignore[arg-type]
+    exporter_metrics = ExporterMetrics.create(CollectorRegistry())
+    exporter_handlers(broker, load_settings(ExporterSettings), engine=None, metrics=exporter_metrics)  # type: ignore[arg-type]
     gateway_handlers(broker, load_settings(GatewaySettings), ReplyWaiters())
     spec = AsyncAPI(broker, title="Open-AutoGLM message bus", version="1", schema_version="3.0.0")
     return spec.to_specification().to_jsonable()  # type: ignore[no-any-return]

@@ -1,0 +1,165 @@
+"""The exporter on real Kafka + PostgreSQL: dead letters, cancellations and routing decisions stored; a
+PostgreSQL outage in the middle of a stream loses nothing and duplicates nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+import asyncpg
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from shared import topics
+from shared.messages import Feedback
+from tests.e2e.harness import PORT_BASE, REPO, TEST_VAR_DIR, Infra, Service, Stack
+from tests.e2e.test_pipeline import fetch_row, plain_dsn
+
+OUTAGE_PG_PORT = PORT_BASE + 90  # inside this session's port range, apart from the shared test cluster
+OUTAGE_EXPORTER_PORT = PORT_BASE + 92
+
+
+async def send(bootstrap: str, topic: str, *values: bytes, key: bytes | None = None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+async def test_a_message_nobody_can_read_is_stored_as_a_dead_letter_with_its_reason(stack: Stack) -> None:
+    marker = f"garbage-{uuid.uuid4().hex}"
+    await send(stack.infra.kafka_bootstrap, topics.REQUESTS, f'{{"not a request": "{marker}"}}'.encode())
+    connection = await asyncpg.connect(plain_dsn(stack.infra.database_url))
+    try:
+        async with asyncio.timeout(30):
+            while (row := await connection.fetchrow("SELECT * FROM dead_letters WHERE payload LIKE $1", f"%{marker}%")) is None:
+                await asyncio.sleep(0.2)
+    finally:
+        await connection.close()
+    assert row["source_topic"] == topics.REQUESTS and row["service"] == "router"
+    assert row["error_type"] == "ValidationError" and "messages" in row["reason"]  # the reason names the bad field
+
+
+async def test_a_cancellation_over_http_is_stored_with_who_asked(stack: Stack) -> None:
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    async with httpx.AsyncClient(base_url=stack.gateway_url, headers=stack.auth_headers) as client:
+        response = await client.post(f"/v1/requests/{request_id}/cancel")
+    assert response.status_code == 202, response.text
+    row = await fetch_row(stack, "cancellations", request_id)
+    assert row["requested_by"] and row["reason"] and row["created_at"] is not None
+
+
+async def test_a_completion_stores_its_routing_decision_as_its_own_row(stack: Stack) -> None:
+    body = {"model": "auto", "messages": [{"role": "user", "content": "route me"}], "max_tokens": 2}
+    async with httpx.AsyncClient(base_url=stack.gateway_url, headers=stack.auth_headers, timeout=60) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    decision = await fetch_row(stack, "routing_decisions", response.json()["id"])
+    result = await fetch_row(stack, "results", response.json()["id"])
+    assert decision["pool"] == result["pool"] and decision["lane"] == "normal"
+    assert decision["policy"] == "threshold" and 0.0 <= decision["score"] <= 1.0
+
+
+# --------------------------------------------------------------------------- PostgreSQL outage
+
+
+def outage_postgres(command: str) -> str:
+    """deploy/local/postgres.sh on a cluster of this test's own: stopping it disturbs no other test."""
+    env = {**os.environ, "AUTOGLM_VAR_DIR": str(TEST_VAR_DIR / "outage"), "AUTOGLM_PG_PORT": str(OUTAGE_PG_PORT)}
+    env.pop("AUTOGLM_DATABASE_URL", None)
+    completed = subprocess.run(
+        ["bash", str(REPO / "deploy" / "local" / "postgres.sh"), command],
+        env=env, check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return completed.stdout.strip()
+
+
+@pytest.fixture
+def outage_exporter(infra: Infra) -> Iterator[tuple[Service, str]]:
+    """An exporter of its own (own consumer groups) writing to a PostgreSQL cluster of its own."""
+    outage_postgres("start")
+    database_url = outage_postgres("url").splitlines()[-1]
+    env = {
+        "AUTOGLM_KAFKA_BOOTSTRAP": infra.kafka_bootstrap,
+        "AUTOGLM_DATABASE_URL": database_url,
+        "AUTOGLM_LOG_FORMAT": "json",
+        "AUTOGLM_EXPORTER__PORT": str(OUTAGE_EXPORTER_PORT),
+        "AUTOGLM_EXPORTER__GROUP_PREFIX": f"autoglm-exporter-outage-{uuid.uuid4().hex[:8]}",
+        "AUTOGLM_EXPORTER__MAX_BACKOFF_S": "2",
+    }
+    exporter = Service("exporter-outage", "services.exporter", OUTAGE_EXPORTER_PORT, env)
+    exporter.start({**os.environ, **env})
+    try:
+        Stack(infra, env).wait_for(exporter, time.monotonic() + 120)
+        yield exporter, database_url
+    finally:
+        exporter.stop()
+        outage_postgres("start")  # leave it running for the next session, whatever happened
+
+
+async def stored_feedback(database_url: str, prefix: str) -> tuple[int, int]:
+    """(rows, distinct ids) of this stream's feedback; (-1, -1) while PostgreSQL is down."""
+    try:
+        connection = await asyncpg.connect(plain_dsn(database_url), timeout=2)
+    except (OSError, asyncpg.PostgresError):
+        return -1, -1
+    try:
+        row = await connection.fetchrow(
+            "SELECT count(*) AS n, count(DISTINCT feedback_id) AS d FROM feedback WHERE feedback_id LIKE $1",
+            f"{prefix}%",
+        )
+        return row["n"], row["d"]
+    finally:
+        await connection.close()
+
+
+def metric(port: int, name: str) -> float:
+    """The sum of a metric's samples on a service's /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+async def test_postgres_outage_mid_stream_loses_nothing_and_duplicates_nothing(
+    infra: Infra, outage_exporter: tuple[Service, str]
+) -> None:
+    exporter, database_url = outage_exporter
+    prefix, total = f"fb-outage-{uuid.uuid4().hex[:8]}-", 600
+    producer = AIOKafkaProducer(bootstrap_servers=infra.kafka_bootstrap, acks="all")
+    await producer.start()
+
+    async def stream(start: int, stop: int) -> None:
+        for index in range(start, stop):
+            message = Feedback(request_id=f"chatcmpl-{index}", feedback_id=f"{prefix}{index:05d}", score=1.0)
+            await producer.send_and_wait(topics.FEEDBACK, message.model_dump_json().encode(), key=b"outage")
+            await asyncio.sleep(0.01)
+
+    try:
+        await stream(0, 200)
+        async with asyncio.timeout(60):  # the exporter is caught up before PostgreSQL goes
+            while (await stored_feedback(database_url, prefix))[0] < 200:
+                await asyncio.sleep(0.2)
+        await asyncio.to_thread(outage_postgres, "stop")
+        await stream(200, 400)  # sent while PostgreSQL is down
+        async with asyncio.timeout(30):
+            while metric(OUTAGE_EXPORTER_PORT, "autoglm_exporter_store_failures_total") < 1:
+                await asyncio.sleep(0.2)
+        assert metric(OUTAGE_EXPORTER_PORT, "autoglm_exporter_database_up") == 0
+        await asyncio.to_thread(outage_postgres, "start")
+        await stream(400, total)
+    finally:
+        await producer.stop()
+    async with asyncio.timeout(90):
+        while (counts := await stored_feedback(database_url, prefix))[0] < total:
+            await asyncio.sleep(0.5)
+    await asyncio.sleep(2)  # anything redelivered late would show up as a second row now
+    assert await stored_feedback(database_url, prefix) == (total, total) == counts
+    assert metric(OUTAGE_EXPORTER_PORT, "autoglm_exporter_database_up") == 1
+    assert exporter.process is not None and exporter.process.poll() is None, exporter.log_tail()
