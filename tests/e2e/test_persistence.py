@@ -8,7 +8,7 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import asyncpg
 import httpx
@@ -22,6 +22,16 @@ from tests.e2e.test_pipeline import fetch_row, plain_dsn
 
 OUTAGE_PG_PORT = PORT_BASE + 90  # inside this session's port range, apart from the shared test cluster
 OUTAGE_EXPORTER_PORT = PORT_BASE + 92
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], limit_s: float, what: str) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `limit_s`."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        if await condition():
+            return
+        assert time.monotonic() < deadline, f"{what}: not within {limit_s} s"
+        await asyncio.sleep(0.2)
 
 
 async def send(bootstrap: str, topic: str, *values: bytes, key: bytes | None = None) -> None:
@@ -38,10 +48,10 @@ async def test_a_message_nobody_can_read_is_stored_as_a_dead_letter_with_its_rea
     marker = f"garbage-{uuid.uuid4().hex}"
     await send(stack.infra.kafka_bootstrap, topics.REQUESTS, f'{{"not a request": "{marker}"}}'.encode())
     connection = await asyncpg.connect(plain_dsn(stack.infra.database_url))
+    query = "SELECT * FROM dead_letters WHERE payload LIKE $1"
     try:
-        async with asyncio.timeout(30):
-            while (row := await connection.fetchrow("SELECT * FROM dead_letters WHERE payload LIKE $1", f"%{marker}%")) is None:
-                await asyncio.sleep(0.2)
+        await wait_until(lambda: connection.fetchval(query, f"%{marker}%"), 30, "dead letter stored")
+        row = await connection.fetchrow(query, f"%{marker}%")
     finally:
         await connection.close()
     assert row["source_topic"] == topics.REQUESTS and row["service"] == "router"
@@ -121,6 +131,14 @@ async def stored_feedback(database_url: str, prefix: str) -> tuple[int, int]:
         await connection.close()
 
 
+async def stored_at_least(database_url: str, prefix: str, count: int) -> bool:
+    return (await stored_feedback(database_url, prefix))[0] >= count
+
+
+async def store_failed(port: int) -> bool:
+    return await asyncio.to_thread(metric, port, "autoglm_exporter_store_failures_total") >= 1
+
+
 def metric(port: int, name: str) -> float:
     """The sum of a metric's samples on a service's /metrics."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
@@ -143,23 +161,17 @@ async def test_postgres_outage_mid_stream_loses_nothing_and_duplicates_nothing(
 
     try:
         await stream(0, 200)
-        async with asyncio.timeout(60):  # the exporter is caught up before PostgreSQL goes
-            while (await stored_feedback(database_url, prefix))[0] < 200:
-                await asyncio.sleep(0.2)
+        await wait_until(lambda: stored_at_least(database_url, prefix, 200), 60, "caught up before the outage")
         await asyncio.to_thread(outage_postgres, "stop")
         await stream(200, 400)  # sent while PostgreSQL is down
-        async with asyncio.timeout(30):
-            while metric(OUTAGE_EXPORTER_PORT, "autoglm_exporter_store_failures_total") < 1:
-                await asyncio.sleep(0.2)
+        await wait_until(lambda: store_failed(OUTAGE_EXPORTER_PORT), 30, "the exporter noticed the outage")
         assert metric(OUTAGE_EXPORTER_PORT, "autoglm_exporter_database_up") == 0
         await asyncio.to_thread(outage_postgres, "start")
         await stream(400, total)
     finally:
         await producer.stop()
-    async with asyncio.timeout(90):
-        while (counts := await stored_feedback(database_url, prefix))[0] < total:
-            await asyncio.sleep(0.5)
+    await wait_until(lambda: stored_at_least(database_url, prefix, total), 90, "caught up after the outage")
     await asyncio.sleep(2)  # anything redelivered late would show up as a second row now
-    assert await stored_feedback(database_url, prefix) == (total, total) == counts
+    assert await stored_feedback(database_url, prefix) == (total, total)
     assert metric(OUTAGE_EXPORTER_PORT, "autoglm_exporter_database_up") == 1
     assert exporter.process is not None and exporter.process.poll() is None, exporter.log_tail()
