@@ -7,11 +7,13 @@ unique keys drop what is already stored, so a redelivered message never duplicat
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import ConsumerRecord
+from sqlalchemy import String, Text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import topics
@@ -161,15 +163,42 @@ def key_columns(table: type[Base]) -> tuple[str, ...]:
 
 def json_columns(table: type[Base]) -> frozenset[str]:
     """Columns of a JSON type: COPY takes them as serialised text."""
-    return frozenset(column.name for column in table.__table__.columns if column.type.__class__.__name__ == "JSONB")
+    return frozenset(column.name for column in table.__table__.columns if isinstance(column.type, JSONB))
+
+
+def text_columns(table: type[Base]) -> frozenset[str]:
+    """Columns of a string type: PostgreSQL refuses NUL in them."""
+    return frozenset(column.name for column in table.__table__.columns if isinstance(column.type, String | Text))
+
+
+def clean_text(value: str | None) -> str | None:
+    """Text without NUL (the scan is in C; a replacement is rare)."""
+    return value.replace("\x00", "\ufffd") if value is not None and "\x00" in value else value
+
+
+def encode_json(value: Any) -> str | None:
+    """JSON text for COPY. Serialised first: only text with an escaped NUL in it needs the slow clean-up."""
+    if value is None:
+        return None
+    serialised = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if "\\u0000" in serialised:
+        serialised = json.dumps(without_nul(value), ensure_ascii=False, separators=(",", ":"))
+    return serialised
+
+
+def unchanged(value: Any) -> Any:
+    return value
 
 
 def encode(value: Any, is_json: bool) -> Any:
     """A value as COPY wants it: JSON columns serialised (no NUL anywhere: PostgreSQL refuses it)."""
-    value = without_nul(value)
-    if is_json and value is not None:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return value
+    return encode_json(value) if is_json else without_nul(value)
+
+
+def column_encoders(table: type[Base], columns: list[str]) -> list[Callable[[Any], Any]]:
+    """For each column, what turns a row's value into what COPY takes (chosen once per batch, not per value)."""
+    as_json, as_text = json_columns(table), text_columns(table)
+    return [encode_json if c in as_json else clean_text if c in as_text else unchanged for c in columns]
 
 
 async def insert_new(engine: AsyncEngine, table: type[Base], rows: Sequence[Row]) -> int:
@@ -179,8 +208,8 @@ async def insert_new(engine: AsyncEngine, table: type[Base], rows: Sequence[Row]
     key = key_columns(table)
     unique = list({tuple(row[column] for column in key): row for row in rows}.values())
     columns = list(unique[0])
-    as_json = json_columns(table)
-    records = [tuple(encode(row[column], column in as_json) for column in columns) for row in unique]
+    encoders = list(zip(column_encoders(table, columns), columns, strict=True))
+    records = [tuple([convert(row[column]) for convert, column in encoders]) for row in unique]
     name = table.__tablename__
     staging = f"staging_{name}"
     column_list = ", ".join(columns)
