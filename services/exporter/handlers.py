@@ -133,6 +133,8 @@ class Persister:
     def subscribe(self, family: Family, options: Any) -> None:
         """Subscribe to a family's topics under its group; commit only after the rows are stored."""
         backoff = Backoff(self.initial_backoff_s, self.max_backoff_s)
+        for labelled in (self.metrics.rows_stored, self.metrics.rows_duplicate, self.metrics.store_failures):
+            labelled.labels(family.name)  # every table's series exists from the start, at 0
 
         @self.broker.subscriber(
             *family.topics,
@@ -143,6 +145,7 @@ class Persister:
             auto_offset_reset="earliest",
             ack_policy=AckPolicy.MANUAL,  # committed only after the database commit
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            decoder=leave_undecoded,
             title=f"persist {family.name}",
         )
         async def persist(message: KafkaMessage) -> None:
@@ -214,6 +217,12 @@ def register_handlers(
     persister = Persister(broker, engine, settings, metrics)
     for family in families(settings):
         persister.subscribe(family, settings.exporter)
+
+
+async def leave_undecoded(message: Any) -> None:
+    """Skip FastStream's decoding of each record of a batch: `rows_of` parses them with their model anyway,
+    and the wasted JSON decoding cost as much as the parsing itself."""
+    return
 
 
 def rows_of(records: tuple[ConsumerRecord, ...], family: Family) -> list[tuple[ConsumerRecord, Row]]:

@@ -190,11 +190,6 @@ def unchanged(value: Any) -> Any:
     return value
 
 
-def encode(value: Any, is_json: bool) -> Any:
-    """A value as COPY wants it: JSON columns serialised (no NUL anywhere: PostgreSQL refuses it)."""
-    return encode_json(value) if is_json else without_nul(value)
-
-
 def column_encoders(table: type[Base], columns: list[str]) -> list[Callable[[Any], Any]]:
     """For each column, what turns a row's value into what COPY takes (chosen once per batch, not per value)."""
     as_json, as_text = json_columns(table), text_columns(table)
