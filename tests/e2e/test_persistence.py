@@ -1,5 +1,5 @@
-"""The exporter on real Kafka + PostgreSQL: dead letters, cancellations and routing decisions stored; a
-PostgreSQL outage in the middle of a stream loses nothing and duplicates nothing."""
+"""The exporter on real Kafka + PostgreSQL: dead letters, cancellations and routing decisions stored; its
+metrics; the retention purge; a PostgreSQL outage mid-stream loses nothing and duplicates nothing."""
 
 from __future__ import annotations
 
@@ -9,14 +9,18 @@ import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import timedelta
 
 import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from services.exporter.retention import AGE_COLUMNS, purge_older_than
 from shared import topics
-from shared.messages import Feedback
+from shared.db import make_engine
+from shared.db.migrate import upgrade_async
+from shared.messages import Feedback, utcnow
 from tests.e2e.harness import PORT_BASE, REPO, TEST_VAR_DIR, Infra, Service, Stack
 from tests.e2e.test_pipeline import fetch_row, plain_dsn
 
@@ -211,3 +215,23 @@ async def test_postgres_outage_mid_stream_loses_nothing_and_duplicates_nothing(
     assert await stored_feedback(database_url, prefix) == (total, total)
     assert metric(OUTAGE_EXPORTER_PORT, "autoglm_exporter_database_up") == 1
     assert exporter.process is not None and exporter.process.poll() is None, exporter.log_tail()
+
+
+async def test_the_retention_purge_deletes_only_rows_older_than_the_limit(infra: Infra) -> None:
+    engine = make_engine(infra.database_url)
+    await upgrade_async(infra.database_url)
+    tag, now = uuid.uuid4().hex[:8], utcnow()
+    ages = {"old-1": timedelta(days=40), "old-2": timedelta(days=31), "new": timedelta(days=29)}
+    rows = [(f"fb-purge-{tag}-{name}", "chatcmpl-x", 1.0, now - age) for name, age in ages.items()]
+    connection = await asyncpg.connect(plain_dsn(infra.database_url))
+    try:
+        await connection.executemany(
+            "INSERT INTO feedback (feedback_id, request_id, score, created_at) VALUES ($1, $2, $3, $4)", rows
+        )
+        deleted = await purge_older_than(engine, days=30, chunk_rows=1)  # a chunk per row: the loop must go on
+        left = await connection.fetch("SELECT feedback_id FROM feedback WHERE feedback_id LIKE $1", f"fb-purge-{tag}-%")
+    finally:
+        await connection.close()
+        await engine.dispose()
+    assert [row["feedback_id"] for row in left] == [f"fb-purge-{tag}-new"]
+    assert deleted["feedback"] >= 2 and set(deleted) == set(AGE_COLUMNS)
