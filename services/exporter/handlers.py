@@ -182,7 +182,7 @@ class Persister:
             except Exception as error:
                 if not is_unstorable(error):
                     raise
-                await self.refuse(family, record, error)
+                await self.refuse(family, record, row, error)
         return inserted
 
     async def insert(self, family: Family, rows: list[Row]) -> int:
@@ -197,13 +197,13 @@ class Persister:
         self.metrics.rows_duplicate.labels(family.name).inc(len(rows) - inserted)
         return inserted
 
-    async def refuse(self, family: Family, record: ConsumerRecord, error: Exception) -> None:
+    async def refuse(self, family: Family, record: ConsumerRecord, row: Row, error: Exception) -> None:
         """A row PostgreSQL will never take: dead-letter its message (a dead letter itself is only logged)."""
         if not family.dead_letter_refused:
             logger.error("dead letter at %s[%d]@%d cannot be stored: %s", record.topic, record.partition,
                          record.offset, error)  # fmt: skip
             return
-        request_id = record.key.decode("utf-8", errors="replace")[:128] if record.key else None
+        request_id = row.get("request_id")  # every message the exporter stores is about a request
         await publish_dead_letter(
             self.broker, service="exporter", source_topic=record.topic, body=record.value,
             error=error, request_id=request_id,
