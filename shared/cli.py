@@ -123,6 +123,8 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     """Rank models over a time window by the composite score: performance 40%, stability 30%, activity 20%,
     compatibility 10% (each z-score normalised), from the results the exporter stored."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from shared.db import make_engine
     from shared.leaderboard import WindowError, build_leaderboard, model_features, parse_window, read_live_cards, render
 
@@ -135,7 +137,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         try:
-            cards = await read_live_cards(settings.kafka_bootstrap, timeout_s=5.0)
+            cards = await asyncio.wait_for(read_live_cards(settings.kafka_bootstrap, timeout_s=5.0), 10.0)
         except Exception as error:  # Kafka is only needed for the model cards: fall back to the deployment file
             print(f"note: model cards not read from Kafka ({type(error).__name__}); using the deployment file",
                   file=sys.stderr)  # fmt: skip
@@ -143,6 +145,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         engine = make_engine(args.database_url or settings.database_url, pool_size=1)
         try:
             board = await build_leaderboard(engine, args.window, model_features(settings, cards), limit=args.limit)
+        except (OSError, SQLAlchemyError) as error:
+            print(f"error: cannot read the results from PostgreSQL: {type(error).__name__}: {error}", file=sys.stderr)
+            return 1
         finally:
             await engine.dispose()
         print(board.model_dump_json(indent=2) if args.json else render(board))

@@ -259,8 +259,8 @@ async def read_live_cards(bootstrap: str, timeout_s: float = 5.0) -> list[ModelC
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     partition = TopicPartition(topics.REGISTRY, 0)
     view = RegistryView()
-    await consumer.start()
     try:
+        await consumer.start()
         consumer.assign([partition])
         await consumer.seek_to_beginning(partition)
         end = (await consumer.end_offsets([partition]))[partition]
