@@ -152,7 +152,7 @@ def outage_exporter(infra: Infra) -> Iterator[tuple[Service, str]]:
         yield exporter, database_url
     finally:
         exporter.stop()
-        outage_postgres("start")  # leave it running for the next session, whatever happened
+        outage_postgres("stop")  # stopped like the session's own infrastructure; its data stays for the next run
 
 
 async def stored_feedback(database_url: str, prefix: str) -> tuple[int, int]:
