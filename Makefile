@@ -63,9 +63,10 @@ format: setup  ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup  ## throughput and latency through the real stack, and router decisions/s (writes bench/results/*.json)
+bench: setup  ## throughput and latency through the real stack, router decisions/s, exporter rows/s vs raw COPY (writes bench/results/*.json)
 	$(PY) -m tests.bench.serving
 	$(PY) -m tests.bench.router
+	$(PY) -m tests.bench.exporter
 
 asyncapi: setup  ## regenerate docs/asyncapi.json
 	$(VENV)/bin/autoglm asyncapi -o docs/asyncapi.json

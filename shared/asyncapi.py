@@ -25,6 +25,7 @@ def build_asyncapi() -> dict[str, Any]:
     """Register every service's subscribers and every topic's message on one broker; describe it."""
     from services.exporter.config import ExporterSettings
     from services.exporter.handlers import register_handlers as exporter_handlers
+    from services.exporter.metrics import ExporterMetrics
     from services.exporter.spans import register_span_handlers
     from services.gateway.config import GatewaySettings
     from services.gateway.handlers import register_handlers as gateway_handlers
@@ -48,7 +49,8 @@ def build_asyncapi() -> dict[str, Any]:
         worker_settings = load_settings(WorkerSettings, worker={"pool": pool})
         worker_handlers(broker, worker_settings, {}, WorkerMetrics.create(CollectorRegistry(), pool))
     exporter_settings = load_settings(ExporterSettings, telemetry={"forward_spans": False})
-    exporter_handlers(broker, exporter_settings, engine=None)  # type: ignore[arg-type]
+    exporter_metrics = ExporterMetrics.create(CollectorRegistry())
+    exporter_handlers(broker, exporter_settings, engine=None, metrics=exporter_metrics)  # type: ignore[arg-type]
     register_span_handlers(broker, exporter_settings, engine=None, registry=CollectorRegistry())  # type: ignore[arg-type]
     gateway_handlers(broker, load_settings(GatewaySettings), ReplyWaiters())
     spec = AsyncAPI(broker, title="Open-AutoGLM message bus", version="1", schema_version="3.0.0")

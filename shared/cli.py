@@ -121,6 +121,42 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return key_store_command(revoke)
 
 
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """Rank models over a time window by the composite score: performance 40%, stability 30%, activity 20%,
+    compatibility 10% (each z-score normalised), from the results the exporter stored."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from shared.db import make_engine
+    from shared.leaderboard import WindowError, build_leaderboard, model_features, parse_window, read_live_cards, render
+
+    try:
+        parse_window(args.window)
+    except WindowError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    settings = load_settings(StackSettings)
+
+    async def run() -> int:
+        try:
+            cards = await asyncio.wait_for(read_live_cards(settings.kafka_bootstrap, timeout_s=5.0), 10.0)
+        except Exception as error:  # Kafka is only needed for the model cards: fall back to the deployment file
+            print(f"note: model cards not read from Kafka ({type(error).__name__}); using the deployment file",
+                  file=sys.stderr)  # fmt: skip
+            cards = []
+        engine = make_engine(args.database_url or settings.database_url, pool_size=1)
+        try:
+            board = await build_leaderboard(engine, args.window, model_features(settings, cards), limit=args.limit)
+        except (OSError, SQLAlchemyError) as error:
+            print(f"error: cannot read the results from PostgreSQL: {type(error).__name__}: {error}", file=sys.stderr)
+            return 1
+        finally:
+            await engine.dispose()
+        print(board.model_dump_json(indent=2) if args.json else render(board))
+        return 0
+
+    return asyncio.run(run())
+
+
 def add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`autoglm keys create|list|revoke`."""
     keys = commands.add_parser("keys", help="API keys of the gateway").add_subparsers(
@@ -388,6 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_commands(commands)
     add_router_commands(commands)
     add_deploy_commands(commands)
+
+    board = commands.add_parser("leaderboard", help="rank models by the composite score",
+                                description=cmd_leaderboard.__doc__)  # fmt: skip
+    board.add_argument("--window", default="24h", help="how far back: 90s, 15m, 24h, 7d ... (default 24h)")
+    board.add_argument("--limit", type=int, choices=range(1, 11), default=10, metavar="1-10", help="models shown")
+    board.add_argument("--json", action="store_true", help="print the board as JSON (as GET /v1/leaderboard)")
+    board.add_argument("--database-url", help="default: the configured database_url")
+    board.set_defaults(handler=cmd_leaderboard)
 
     asyncapi = commands.add_parser("asyncapi", help=cmd_asyncapi.__doc__, description=cmd_asyncapi.__doc__)
     asyncapi.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")

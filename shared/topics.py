@@ -30,6 +30,15 @@ def priority_topic(pool: str) -> str:
 
 RETRY_PREFIX = "autoglm.retry."
 
+ATTEMPT_HEADER = "x-autoglm-attempt"
+"""Header of a retry record: the attempt it will be (2 is the first retry)."""
+
+NOT_BEFORE_HEADER = "x-autoglm-not-before-ms"
+"""Header of a retry record: Unix milliseconds before which it must not run."""
+
+RETRY_ERROR_HEADER = "x-autoglm-error"
+"""Header of a retry record: why the previous attempt failed (`Type: message`, truncated)."""
+
 REGISTRY = "autoglm.registry"
 """ModelCard heartbeats, keyed by worker instance and model; compacted (latest card per key)."""
 

@@ -1,4 +1,4 @@
-"""Builds the exporter: migrates the schema, then persists the bus into PostgreSQL."""
+"""Builds the exporter: migrates the schema, persists the bus into PostgreSQL, purges old rows, reads lag."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from sqlalchemy import text
 
 from services.exporter.config import ExporterSettings
 from services.exporter.handlers import register_handlers
+from services.exporter.metrics import ExporterMetrics
+from services.exporter.retention import Purger
 from services.exporter.spans import register_span_handlers
 from shared.db import make_engine
 from shared.db.migrate import upgrade_async
 from shared.kafka import ensure_topics, make_broker
+from shared.lag import ConsumerLag
 from shared.service import ops_routes
 from shared.settings import load_settings
 from shared.telemetry import flush_spans, setup_tracing
@@ -28,13 +31,25 @@ def create_app(settings: ExporterSettings | None = None) -> AsgiFastStream:
     setup_tracing(SERVICE, settings, registry)
     broker = make_broker(settings, service=SERVICE, registry=registry)
     engine = make_engine(settings.database_url)
-    register_handlers(broker, settings, engine)
+    metrics = ExporterMetrics.create(registry)
+    register_handlers(broker, settings, engine, metrics)
     forwarder = register_span_handlers(broker, settings, engine, registry)
+    purger = Purger(engine, settings.exporter, metrics)
+    lag = ConsumerLag(
+        settings.kafka_bootstrap, "autoglm_exporter_consumer_lag", interval_s=settings.exporter.lag_interval_s
+    )
+    lag.register(registry)
 
     async def prepare() -> None:
         await ensure_topics(settings)
         if settings.exporter.migrate_on_start:
             await upgrade_async(settings.database_url)
+        await purger.start()
+        await lag.start()
+
+    async def stop_background_work() -> None:
+        await purger.stop()
+        await lag.stop()
 
     async def close_engine() -> None:
         flush_spans()
@@ -56,6 +71,7 @@ def create_app(settings: ExporterSettings | None = None) -> AsgiFastStream:
         broker,
         asgi_routes=ops_routes(SERVICE, registry, ready),
         on_startup=[prepare],
+        on_shutdown=[stop_background_work],
         after_shutdown=[close_engine],
         asyncapi_path="/asyncapi",
         logger=logging.getLogger(f"autoglm.app.{SERVICE}"),

@@ -1,4 +1,11 @@
-"""The exporter's subscribers: batches of requests, results and feedback, stored, then committed."""
+"""The exporter's subscribers: batches of records from each topic family, stored, then committed.
+
+Each family (requests, results, feedback, routing decisions, retries, dead letters, cancellations)
+has its own consumer group, so offsets are committed only after that family's rows are in
+PostgreSQL. While PostgreSQL is unreachable a batch is read again after a growing pause (the
+exporter pauses, nothing is committed, nothing is lost); once it is back the backlog is stored,
+and the unique keys drop whatever a redelivery repeats.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,9 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import ConsumerRecord
@@ -15,122 +23,232 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from opentelemetry import trace
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.exporter.config import ExporterSettings
-from services.exporter.store import store_feedback, store_requests, store_results
+from services.exporter.metrics import ExporterMetrics
+from services.exporter.store import (
+    Row,
+    cancellation_row,
+    dead_letter_row,
+    feedback_row,
+    insert_new,
+    request_row,
+    result_row,
+    retry_row,
+    routing_decision_row,
+)
 from shared import topics
+from shared.db.tables import (
+    Base,
+    CancellationRow,
+    DeadLetterRow,
+    FeedbackRow,
+    RequestRow,
+    ResultRow,
+    RetryRow,
+    RoutingDecisionRow,
+)
 from shared.kafka import FETCH_MAX_WAIT_MS, publish_dead_letter
-from shared.messages import ChatRequest, ChatResult, Feedback
+from shared.messages import CancelRequest, ChatRequest, ChatResult, DeadLetter, Feedback, RoutedJob
 from shared.telemetry import record_context, timed_span
 
 logger = logging.getLogger(__name__)
 
-GROUP_PREFIX = "autoglm-exporter"
-MessageT = TypeVar("MessageT", ChatRequest, ChatResult, Feedback)
-RecordStore = Callable[[AsyncEngine, list[tuple[ConsumerRecord, MessageT]]], Awaitable[int]]
+MessageT = TypeVar("MessageT", bound=BaseModel)
 # W3C trace context: version-traceid-parentid-flags, as FastStream's telemetry middleware writes it.
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+RowOf = Callable[[ConsumerRecord, Any], Row | None]
+"""The row of a parsed message, or None when it is not stored (probes)."""
 
 
-def register_handlers(broker: KafkaBroker, settings: ExporterSettings, engine: AsyncEngine) -> None:
-    """Subscribe the exporter to the requests, results and feedback topics."""
-    options = settings.exporter
-    backoff_s = settings.retries.backoff.initial_ms / 1000.0
+@dataclass(frozen=True)
+class Family:
+    """Topics whose messages (all one schema) become rows of one table, under one consumer group."""
 
-    def batch_subscriber(topic: str):  # type: ignore[no-untyped-def]
-        return broker.subscriber(
-            topic,
-            group_id=f"{GROUP_PREFIX}-{topic}",  # one group per topic: independent rebalances
+    name: str
+    topics: list[str]
+    model: type[BaseModel]
+    table: type[Base]
+    row_of: RowOf
+    group_id: str
+    dead_letter_refused: bool = True  # False for dead letters themselves: that would loop
+
+
+def families(settings: ExporterSettings) -> list[Family]:
+    """Every topic family the exporter persists."""
+    prefix = settings.exporter.group_prefix
+    pools = list(settings.pools)
+    jobs = [topic for pool in pools for topic in (topics.jobs_topic(pool), topics.priority_topic(pool))]
+    return [
+        # Groups of the first three keep their original names, so an upgraded exporter resumes where it was.
+        Family("requests", [topics.REQUESTS], ChatRequest, RequestRow,
+               lambda record, request: None if request.probe else request_row(request, trace_id_of(record)),
+               f"{prefix}-{topics.REQUESTS}"),
+        Family("results", [topics.RESULTS], ChatResult, ResultRow,
+               lambda record, result: None if result.probe else result_row(result), f"{prefix}-{topics.RESULTS}"),
+        Family("feedback", [topics.FEEDBACK], Feedback, FeedbackRow,
+               lambda record, feedback: feedback_row(feedback), f"{prefix}-{topics.FEEDBACK}"),
+        Family("routing_decisions", jobs, RoutedJob, RoutingDecisionRow,
+               lambda record, job: None if job.request.probe else routing_decision_row(job, record.topic),
+               f"{prefix}-jobs"),
+        Family("retries", [topics.retry_topic(pool) for pool in pools], RoutedJob, RetryRow,
+               lambda record, job: None if job.request.probe else retry_row(job, record), f"{prefix}-retries"),
+        Family("dead_letters", [topics.DEADLETTER], DeadLetter, DeadLetterRow,
+               lambda record, letter: dead_letter_row(letter, record), f"{prefix}-{topics.DEADLETTER}",
+               dead_letter_refused=False),
+        # The control topic has no group of its own (every router and worker reads all of it): this one is ours.
+        Family("cancellations", [topics.CONTROL], CancelRequest, CancellationRow,
+               lambda record, cancel: cancellation_row(cancel), f"{prefix}-{topics.CONTROL}"),
+    ]  # fmt: skip
+
+
+@dataclass
+class Backoff:
+    """Exponential pause between attempts to store a batch while PostgreSQL fails; reset by a success."""
+
+    initial_s: float
+    max_s: float
+    failures: int = field(default=0)
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return min(self.initial_s * 2 ** (self.failures - 1), self.max_s)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Persister:
+    """Stores one batch of a family: parse, build rows, insert; unstorable rows alone; failures paused."""
+
+    def __init__(
+        self, broker: KafkaBroker, engine: AsyncEngine, settings: ExporterSettings, metrics: ExporterMetrics
+    ) -> None:
+        self.broker = broker
+        self.engine = engine
+        self.metrics = metrics
+        self.initial_backoff_s = max(settings.retries.backoff.initial_ms / 1000.0, 0.05)
+        self.max_backoff_s = settings.exporter.max_backoff_s
+
+    def subscribe(self, family: Family, options: Any) -> None:
+        """Subscribe to a family's topics under its group; commit only after the rows are stored."""
+        backoff = Backoff(self.initial_backoff_s, self.max_backoff_s)
+        for labelled in (self.metrics.rows_stored, self.metrics.rows_duplicate, self.metrics.store_failures):
+            labelled.labels(family.name)  # every table's series exists from the start, at 0
+
+        @self.broker.subscriber(
+            *family.topics,
+            group_id=family.group_id,
             batch=True,
             max_records=options.max_batch_size,
             batch_timeout_ms=options.max_wait_ms,
             auto_offset_reset="earliest",
             ack_policy=AckPolicy.MANUAL,  # committed only after the database commit
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-            title=f"persist {topic}",
+            decoder=leave_undecoded,
+            title=f"persist {family.name}",
         )
-
-    async def persist(message: KafkaMessage, model: type[MessageT], store: RecordStore[MessageT]) -> None:
-        items = [
-            (record, item)
-            for record, item in parse_all(message.raw_message, model)
-            if not getattr(item, "probe", False)  # probes are not stored
-        ]
-        started_ns = time.time_ns()
-        try:
+        async def persist(message: KafkaMessage) -> None:
+            started_ns = time.time_ns()
             try:
-                inserted = await store(engine, items)
+                await self.store_batch(family, message.raw_message)
             except Exception as error:
-                if not is_unstorable(error):
-                    raise
-                logger.warning("a batch of %s holds an unstorable row; storing it row by row", model.__name__)
-                inserted = await store_each_or_dead_letter(items, store)
-        except Exception:
-            logger.exception("storing %s failed; retrying the batch in %.1f s", model.__name__, backoff_s)
-            await asyncio.sleep(backoff_s)
-            await message.nack()
-            return
-        trace_persisted(items, f"persist {model.__name__}", started_ns)
-        await message.ack()
-        logger.debug("stored %d new %s rows of %d", inserted, model.__name__, len(items))
-
-    async def store_each_or_dead_letter(
-        items: list[tuple[ConsumerRecord, MessageT]], store: RecordStore[MessageT]
-    ) -> int:
-        """Store rows one at a time; a row the database refuses goes to the dead-letter topic."""
-        inserted = 0
-        for record, item in items:
-            try:
-                inserted += await store(engine, [(record, item)])
-            except Exception as error:
-                if not is_unstorable(error):
-                    raise
-                await publish_dead_letter(
-                    broker, service="exporter", source_topic=record.topic, body=record.value,
-                    error=error, request_id=item.request_id,
+                delay = backoff.next_delay()
+                self.metrics.store_failures.labels(family.name).inc()
+                self.metrics.database_up.set(0)
+                logger.warning(
+                    "storing a batch of %s failed (%s: %s); pausing %.1f s, then reading it again",
+                    family.name, type(error).__name__, error, delay,
                 )  # fmt: skip
+                await asyncio.sleep(delay)
+                await message.nack()  # seeks back: the same records come again
+                return
+            backoff.reset()
+            self.metrics.database_up.set(1)
+            trace_persisted(message.raw_message, f"persist {family.model.__name__}", started_ns)
+            await message.ack()
+
+    async def store_batch(self, family: Family, records: tuple[ConsumerRecord, ...]) -> int:
+        """Store a batch in one transaction; if PostgreSQL refuses a row's data, store row by row."""
+        items = rows_of(records, family)
+        try:
+            return await self.insert(family, [row for _, row in items])
+        except Exception as error:
+            if not is_unstorable(error):
+                raise
+        logger.warning("a batch of %s holds an unstorable row; storing it row by row", family.name)
+        inserted = 0
+        for record, row in items:
+            try:
+                inserted += await self.insert(family, [row])
+            except Exception as error:
+                if not is_unstorable(error):
+                    raise
+                await self.refuse(family, record, row, error)
         return inserted
 
-    @batch_subscriber(topics.REQUESTS)
-    async def persist_requests(message: KafkaMessage) -> None:
-        """Store chat requests with the trace each was published in."""
-        await persist(message, ChatRequest, store_request_records)
+    async def insert(self, family: Family, rows: list[Row]) -> int:
+        """Insert and count: rows stored, duplicates skipped, time taken, batch size."""
+        if not rows:
+            return 0
+        started = time.perf_counter()
+        inserted = await insert_new(self.engine, family.table, rows)
+        self.metrics.store_seconds.labels(family.name).observe(time.perf_counter() - started)
+        self.metrics.batch_rows.labels(family.name).observe(len(rows))
+        self.metrics.rows_stored.labels(family.name).inc(inserted)
+        self.metrics.rows_duplicate.labels(family.name).inc(len(rows) - inserted)
+        return inserted
 
-    @batch_subscriber(topics.RESULTS)
-    async def persist_results(message: KafkaMessage) -> None:
-        """Store chat results."""
-        await persist(message, ChatResult, store_result_records)
-
-    @batch_subscriber(topics.FEEDBACK)
-    async def persist_feedback(message: KafkaMessage) -> None:
-        """Store clients' feedback."""
-        await persist(message, Feedback, store_feedback_records)
-
-
-async def store_request_records(engine: AsyncEngine, items: list[tuple[ConsumerRecord, ChatRequest]]) -> int:
-    """Requests, each with the trace id of its record's `traceparent` header."""
-    return await store_requests(engine, [request for _, request in items], [trace_id_of(record) for record, _ in items])
-
-
-async def store_result_records(engine: AsyncEngine, items: list[tuple[ConsumerRecord, ChatResult]]) -> int:
-    return await store_results(engine, [result for _, result in items])
-
-
-async def store_feedback_records(engine: AsyncEngine, items: list[tuple[ConsumerRecord, Feedback]]) -> int:
-    return await store_feedback(engine, [feedback for _, feedback in items])
+    async def refuse(self, family: Family, record: ConsumerRecord, row: Row, error: Exception) -> None:
+        """A row PostgreSQL will never take: dead-letter its message (a dead letter itself is only logged)."""
+        if not family.dead_letter_refused:
+            logger.error("dead letter at %s[%d]@%d cannot be stored: %s", record.topic, record.partition,
+                         record.offset, error)  # fmt: skip
+            return
+        request_id = row.get("request_id")  # every message the exporter stores is about a request
+        await publish_dead_letter(
+            self.broker, service="exporter", source_topic=record.topic, body=record.value,
+            error=error, request_id=request_id,
+        )  # fmt: skip
 
 
-def trace_persisted(items: list[tuple[ConsumerRecord, MessageT]], name: str, started_ns: int) -> None:
-    """A span per stored message in the trace it came with, timed as the batch's database write."""
+def trace_persisted(records: tuple[ConsumerRecord, ...], name: str, started_ns: int) -> None:
+    """A span per stored record in the trace it came with, timed as the batch's database write."""
     ended_ns = time.time_ns()
-    for record, item in items:
+    for record in records:
         context = record_context(record)
         if not trace.get_current_span(context).get_span_context().is_valid:
             continue  # a producer that sends no trace context: a lone span would be a trace of its own
-        attributes = {"autoglm.request_id": item.request_id, "messaging.destination.name": record.topic}
+        key = record.key.decode("utf-8", errors="replace") if isinstance(record.key, bytes) else None
+        attributes = {"messaging.destination.name": record.topic, "autoglm.record_key": key or ""}
         timed_span(name, context, started_ns, ended_ns, attributes=attributes)
+
+
+def register_handlers(
+    broker: KafkaBroker, settings: ExporterSettings, engine: AsyncEngine, metrics: ExporterMetrics
+) -> None:
+    """Subscribe the exporter to every topic family it persists."""
+    persister = Persister(broker, engine, settings, metrics)
+    for family in families(settings):
+        persister.subscribe(family, settings.exporter)
+
+
+async def leave_undecoded(message: Any) -> None:
+    """Skip FastStream's decoding of each record of a batch: `rows_of` parses them with their model anyway,
+    and the wasted JSON decoding cost as much as the parsing itself."""
+    return
+
+
+def rows_of(records: tuple[ConsumerRecord, ...], family: Family) -> list[tuple[ConsumerRecord, Row]]:
+    """The rows of a batch's valid messages, with their records (probes have none)."""
+    rows = []
+    for record, item in parse_all(records, family.model):
+        row = family.row_of(record, item)
+        if row is not None:
+            rows.append((record, row))
+    return rows
 
 
 def trace_id_of(record: ConsumerRecord) -> str | None:
@@ -154,7 +272,8 @@ def is_unstorable(error: BaseException) -> bool:
 
 
 def parse_all(records: tuple[ConsumerRecord, ...], model: type[MessageT]) -> list[tuple[ConsumerRecord, MessageT]]:
-    """Valid messages of a batch with their records. Invalid ones are skipped: the router dead-letters them."""
+    """Valid messages of a batch with their records. Invalid ones are skipped: their producer's consumers
+    dead-letter them (the router for requests, ...), and a record nobody can read must not stop the exporter."""
     parsed = []
     for record in records:
         try:
@@ -162,10 +281,6 @@ def parse_all(records: tuple[ConsumerRecord, ...], model: type[MessageT]) -> lis
         except ValidationError as error:
             logger.warning(
                 "skipping an invalid %s at %s[%d]@%d: %s",
-                model.__name__,
-                record.topic,
-                record.partition,
-                record.offset,
-                error.error_count(),
-            )
+                model.__name__, record.topic, record.partition, record.offset, error.error_count(),
+            )  # fmt: skip
     return parsed

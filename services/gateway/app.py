@@ -19,6 +19,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.errors import install_error_handlers
 from services.gateway.handlers import register_handlers
 from services.gateway.idempotency import IdempotentCompletions
+from services.gateway.leaderboard import router as leaderboard_router
 from services.gateway.limits import Admission, BodySizeLimit
 from services.gateway.observability import install_http_observability
 from services.gateway.replies import ReplyWaiters
@@ -108,6 +109,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.gateway.limits.max_body_bytes, rejections=admission.rejections)
     app.include_router(router)
     app.include_router(admin_router)
+    app.include_router(leaderboard_router)
     add_ops_routes(app, readiness, registry)
     return app
 

@@ -12,6 +12,7 @@ from services.router.config import RouterSettings
 from services.router.handlers import PoolState, register_handlers
 from services.router.learned import load_scorer
 from services.router.load import PoolLoad
+from services.router.metrics import register_breaker_gauge
 from services.router.scoring import use_scorer
 from shared.kafka import ensure_topics, make_broker
 from shared.registry import RegistryView
@@ -31,7 +32,9 @@ def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
     registry_view = RegistryView()
     registry_view.subscribe(broker, title="model registry (router)")  # live pools: routing skips dead ones
     load = PoolLoad(settings)
-    register_handlers(broker, settings, PoolState(settings, registry_view, load))
+    state = PoolState(settings, registry_view, load)
+    register_handlers(broker, settings, state)
+    register_breaker_gauge(registry, state.breakers)
 
     async def ready() -> str | None:
         return None if await broker.ping(timeout=2.0) else "Kafka is not reachable"

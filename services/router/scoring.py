@@ -90,6 +90,8 @@ def score_request(request: ChatRequest) -> Score:
 
 def score_batch(requests: list[ChatRequest]) -> list[Score]:
     """One score per request; the learned scorer embeds the batch's borderline prompts in one pass."""
+    if not requests:  # a batch of nothing but dead letters: the learned scorer cannot take an empty matrix
+        return []
     if _installed:
         return _installed[0].score_batch(requests)
     return [heuristic_score(request) for request in requests]

@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "worker"
 IDLE_POLL_MS = 5  # how long an idle poll blocks; FastStream also sleeps this long after an empty one
-ATTEMPT_HEADER = "x-autoglm-attempt"
-NOT_BEFORE_HEADER = "x-autoglm-not-before-ms"
+ATTEMPT_HEADER = topics.ATTEMPT_HEADER
+NOT_BEFORE_HEADER = topics.NOT_BEFORE_HEADER
 
 
 def group_id(pool: str) -> str:
@@ -154,7 +154,11 @@ class Settler:
 
     async def retry_later(self, job: RoutedJob, error: Exception, attempt: int) -> None:
         delay_s = self.backoff_s(attempt)
-        headers = {ATTEMPT_HEADER: str(attempt + 1), NOT_BEFORE_HEADER: str(int((time.time() + delay_s) * 1000))}
+        headers = {
+            ATTEMPT_HEADER: str(attempt + 1),
+            NOT_BEFORE_HEADER: str(int((time.time() + delay_s) * 1000)),
+            topics.RETRY_ERROR_HEADER: f"{type(error).__name__}: {error}"[:500],  # stored by the exporter
+        }
         await self.broker.publish(job, topics.retry_topic(self.pool), key=job.request_id.encode(), headers=headers)
         logger.warning(
             "attempt %d of %s failed (%s: %s); retrying in %.2f s",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Float, Integer, String, Text, func
+from sqlalchemy import BigInteger, DateTime, Float, Integer, String, Text, func
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -71,7 +71,7 @@ class FeedbackRow(Base):
     score: Mapped[float] = mapped_column(Float)
     comment: Mapped[str | None] = mapped_column(Text)
     caller: Mapped[str | None] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -110,4 +110,67 @@ class SpanRow(Base):
     attributes: Mapped[dict[str, Any]] = mapped_column(JSONB)
     events: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default="[]")
     links: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default="[]", comment="[{trace_id, span_id}]")
+
+
+class RoutingDecisionRow(Base):
+    """The router's decision for a request, read from the jobs topics: stored even if no result ever comes."""
+
+    __tablename__ = "routing_decisions"
+
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True, comment="The first decision is kept")
+    pool: Mapped[str] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(String(200))
+    lane: Mapped[str] = mapped_column(String(16), comment="normal or priority: the jobs topic it went to")
+    score: Mapped[float] = mapped_column(Float)
+    policy: Mapped[str | None] = mapped_column(String(32))
+    reasons: Mapped[list[str]] = mapped_column(JSONB)
+    routing: Mapped[dict[str, Any] | None] = mapped_column(JSONB, comment="RoutingExplanation")
+    routed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class RetryRow(Base):
+    """One further attempt a worker scheduled for a request (a record on `autoglm.retry.<pool>`)."""
+
+    __tablename__ = "retries"
+
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    attempt: Mapped[int] = mapped_column(
+        Integer, primary_key=True, comment="The attempt scheduled: 2 is the first retry"
+    )
+    pool: Mapped[str] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text, comment="Why the previous attempt failed, when the worker says")
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    scheduled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class DeadLetterRow(Base):
+    """A message no service could process. A dead letter has no id of its own: its Kafka position is its key."""
+
+    __tablename__ = "dead_letters"
+
+    kafka_partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kafka_offset: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    request_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    source_topic: Mapped[str] = mapped_column(String(255))
+    service: Mapped[str] = mapped_column(String(100))
+    error_type: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[str] = mapped_column(Text)
+    failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class CancellationRow(Base):
+    """A request's cancellation (the first one: cancelling it again changes nothing)."""
+
+    __tablename__ = "cancellations"
+
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    requested_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

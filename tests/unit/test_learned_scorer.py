@@ -12,7 +12,7 @@ import pytest
 from services.router.config import DEFAULT_ARTEFACT, ScorerOptions
 from services.router.embedding import DIMENSIONS, Embedder
 from services.router.learned import FEATURE_NAMES, Artefact, Scorer, extract_features, load_scorer
-from services.router.scoring import heuristic_score, score_request, use_scorer
+from services.router.scoring import heuristic_score, score_batch, score_request, use_scorer
 from services.router.training import as_request, evaluate, load_splits
 from shared.cli import main as autoglm
 from shared.messages import ChatMessage, ChatRequest
@@ -142,3 +142,12 @@ def test_router_eval_prints_the_figures_and_draws_the_curve(tmp_path: Path, caps
     assert "AUC:" in out and "ECE" in out and "length only" in out and "random" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert autoglm(["router", "eval", "--data", str(data), "--split", "nope"]) == 2
+
+
+def test_a_batch_with_no_valid_request_scores_to_nothing(artefact: Artefact, embedder: Embedder) -> None:
+    """A batch of garbage is all dead letters: scoring what is left must not fail (the batch would loop)."""
+    use_scorer(Scorer(artefact, embedder, threshold=0.5, band=0.1))
+    try:
+        assert score_batch([]) == []
+    finally:
+        use_scorer(None)
