@@ -22,11 +22,10 @@ logger = logging.getLogger(__name__)
 
 
 class ConsumerLag(Collector):
-    """Reads the lag of every group whose name starts with `prefix` and exposes it as `<metric>{group,topic}`."""
+    """Reads the lag of every group whose name starts with `prefix`, for the exporter's `/metrics`."""
 
-    def __init__(self, bootstrap: str, metric: str, *, prefix: str = "autoglm", interval_s: float = 15.0) -> None:
+    def __init__(self, bootstrap: str, *, prefix: str = "autoglm", interval_s: float = 15.0) -> None:
         self.bootstrap = bootstrap
-        self.metric = metric
         self.prefix = prefix
         self.interval_s = interval_s
         self.lag: dict[tuple[str, str], int] = {}
@@ -37,7 +36,7 @@ class ConsumerLag(Collector):
 
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(
-            self.metric, "Records not yet committed by a consumer group", labels=["group", "topic"]
+            "autoglm_exporter_consumer_lag", "Records not yet committed by a consumer group", labels=["group", "topic"]
         )
         for (group, topic), lag in sorted(self.lag.items()):
             family.add_metric([group, topic], lag)

@@ -35,9 +35,7 @@ def create_app(settings: ExporterSettings | None = None) -> AsgiFastStream:
     register_handlers(broker, settings, engine, metrics)
     forwarder = register_span_handlers(broker, settings, engine, registry)
     purger = Purger(engine, settings.exporter, metrics)
-    lag = ConsumerLag(
-        settings.kafka_bootstrap, "autoglm_exporter_consumer_lag", interval_s=settings.exporter.lag_interval_s
-    )
+    lag = ConsumerLag(settings.kafka_bootstrap, interval_s=settings.exporter.lag_interval_s)
     lag.register(registry)
 
     async def prepare() -> None:
