@@ -347,7 +347,7 @@ def add_router_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     train.add_argument("--data", required=True, help="labelled JSONL (prompt, label, source, split)")
     train.add_argument("--output", required=True, help="artefact file to write (JSON)")
     train.add_argument("--engine", choices=("onnx-int8", "torch"), default="onnx-int8", help="embedding engine")
-    train.add_argument("--max-tokens", type=int, default=64, help="prompt tokens embedded (default 64)")
+    train.add_argument("--max-tokens", type=int, default=32, help="prompt tokens embedded (default 32)")
     evaluate = router.add_parser("eval", help=cmd_router_eval.__doc__, description=cmd_router_eval.__doc__)
     evaluate.add_argument("--data", required=True, help="labelled JSONL (prompt, label, source, split)")
     evaluate.add_argument("--artefact", help="default: router.scorer.artefact from the settings")

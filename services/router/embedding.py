@@ -48,7 +48,7 @@ class EmbeddingSpec:
 
     model: str = MODEL_NAME
     engine: Engine = "onnx-int8"
-    max_tokens: int = 64
+    max_tokens: int = 32
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +104,8 @@ class OnnxInt8Encoder:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # idle threads sleep instead of spinning: the router's event loop and Kafka client share the cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = int8_onnx_model(model_dir, cache_dir)
         self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

@@ -16,7 +16,7 @@ from services.router.embedding import (
     packaged_model_dir,
 )
 
-# lengths from a word to well past the 64 tokens the default spec keeps
+# lengths from a word to well past the 32 tokens the default spec keeps
 TEXTS = [
     "hi",
     "Which gas do plants take in from the air to make food?",
