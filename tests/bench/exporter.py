@@ -41,6 +41,7 @@ from shared.db.tables import ResultRow
 from shared.kafka import make_broker
 from shared.messages import ChatMessage, ChatResult, Choice, RoutingExplanation, Timings, Usage, utcnow
 from shared.settings import load_settings
+from tests.bench.serving import write_results
 from tests.e2e.harness import REPO, Infra, start_infra, stop_infra
 from tests.e2e.test_pipeline import plain_dsn
 
@@ -220,9 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         stop_infra()
     print(json.dumps(document, indent=2))
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {RESULTS_FILE.relative_to(REPO)}")
+    write_results(RESULTS_FILE, document)
 
 
 if __name__ == "__main__":

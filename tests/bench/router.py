@@ -28,7 +28,7 @@ from services.router.learned import Artefact, Scorer
 from services.router.training import load_splits
 from shared.messages import ChatRequest
 from shared.settings import load_settings
-from tests.bench.serving import percentile
+from tests.bench.serving import percentile, write_results
 from tests.e2e.harness import REPO
 
 DATA = REPO / "data" / "router" / "labelled.jsonl"
@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         "fixed_rate_cold": fixed,
     }  # fmt: skip
     print(json.dumps(document, indent=2))
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {RESULTS_FILE.relative_to(REPO)}")
+    write_results(RESULTS_FILE, document)
 
 
 if __name__ == "__main__":

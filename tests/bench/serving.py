@@ -18,6 +18,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -43,6 +44,13 @@ class Measurement:
     p99_ms: float
     requests_per_s: float
     tokens_per_s: float
+
+
+def write_results(path: Path, document: dict[str, Any]) -> None:
+    """Write a bench's figures as JSON under bench/results/ and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {path.relative_to(REPO)}")
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -198,13 +206,11 @@ def report(figures: list[Measurement], summary: dict[str, float], args: argparse
     print()
     for name, value in summary.items():
         print(f"{name:<48} {value}x")
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "measured_at": utcnow().isoformat(), "machine": platform.platform(), "max_tokens": args.max_tokens,
         "scenarios": [asdict(m) for m in figures], "ratios": summary,
     }  # fmt: skip
-    RESULTS_FILE.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"\nwrote {RESULTS_FILE.relative_to(REPO)}")
+    write_results(RESULTS_FILE, document)
 
 
 def main(argv: list[str] | None = None) -> None:
