@@ -28,14 +28,15 @@ def chat_body(content: str, **fields: Any) -> dict[str, Any]:
 
 
 async def status_when_finished(stack: Stack, request_id: str, limit_s: float = 60.0) -> dict[str, Any]:
-    """GET /v1/requests/{id} until it is no longer queued (404 until the exporter stored it)."""
+    """GET /v1/requests/{id} until it is no longer queued and its request row is stored too (404 until the
+    exporter stored something; requests and results are stored by separate consumers, in either order)."""
     async with (
         httpx.AsyncClient(base_url=stack.gateway_url, headers=stack.auth_headers, timeout=10) as http,
         asyncio.timeout(limit_s),
     ):
         while True:
             response = await http.get(f"/v1/requests/{request_id}")
-            if response.status_code == 200 and response.json()["status"] != "queued":
+            if response.status_code == 200 and response.json()["status"] != "queued" and response.json()["model"]:
                 return response.json()  # type: ignore[no-any-return]
             assert response.status_code in (200, 404), response.text
             await asyncio.sleep(0.2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 
+from services.router.learned import ARTEFACT_VERSION
 from tests.e2e.harness import Stack
 from tests.e2e.test_request_tracking import ASYNC, chat_body, status_when_finished
 
@@ -30,4 +31,4 @@ async def test_the_learned_scorer_routes_a_greeting_light_and_hard_maths_heavy(s
     # `latex` is a feature only the learned scorer has: its reasons prove the router loaded the artefact
     assert any(str(reason).startswith("latex=") for reason in heavy["reasons"])  # type: ignore[attr-defined]
     log = next(service for service in stack.services if service.name == "router").log_path.read_text()
-    assert "learned scorer v1 loaded" in log
+    assert f"learned scorer v{ARTEFACT_VERSION} loaded" in log
