@@ -12,9 +12,17 @@ SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(stack: Stack, tmp_path: Path) -> None:
+    config = tmp_path / "schemathesis.toml"
+    # A body over the gateway's size limit is refused with 413 before its fields are read; fuzzing makes
+    # such bodies out of over-long strings, so 413 counts as a rejection of invalid data too.
+    config.write_text(
+        "[checks.negative_data_rejection]\nexpected-statuses = "
+        + str([str(code) for code in (400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429)])
+        + "\n"
+    )
     completed = subprocess.run(
         [
-            str(SCHEMATHESIS), "run", f"{stack.gateway_url}/openapi.json",
+            str(SCHEMATHESIS), "--config-file", str(config), "run", f"{stack.gateway_url}/openapi.json",
             "--header", f"Authorization: Bearer {stack.api_key}",
             "--checks", "all",
             # Business rules reject some schema-valid bodies on purpose: a role that is not configured,
