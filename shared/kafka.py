@@ -48,8 +48,12 @@ def dead_letter_middleware(service: str) -> ExceptionMiddleware:
     return middleware
 
 
-def make_broker(settings: CommonSettings, *, service: str, registry: CollectorRegistry) -> KafkaBroker:
-    """A KafkaBroker with our producer defaults, Prometheus metrics and trace propagation."""
+def make_broker(
+    settings: CommonSettings, *, service: str, registry: CollectorRegistry, trace_messages: bool = True
+) -> KafkaBroker:
+    """A KafkaBroker with our producer defaults, Prometheus metrics and (with `trace_messages`) a span per
+    message handled or published, in the trace its headers carry."""
+    telemetry = [KafkaTelemetryMiddleware()] if trace_messages else []
     return KafkaBroker(
         settings.kafka_bootstrap,
         client_id=f"autoglm-{service}",
@@ -57,7 +61,7 @@ def make_broker(settings: CommonSettings, *, service: str, registry: CollectorRe
         middlewares=[
             dead_letter_middleware(service),
             KafkaPrometheusMiddleware(registry=registry, app_name=service, metrics_prefix="autoglm"),
-            KafkaTelemetryMiddleware(),
+            *telemetry,
         ],
         logger=logging.getLogger(f"autoglm.bus.{service}"),
         log_level=logging.DEBUG,  # one line per message is too much at INFO

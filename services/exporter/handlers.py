@@ -2,9 +2,11 @@
 
 Each family (requests, results, feedback, routing decisions, retries, dead letters, cancellations)
 has its own consumer group, so offsets are committed only after that family's rows are in
-PostgreSQL. While PostgreSQL is unreachable a batch is read again after a growing pause (the
-exporter pauses, nothing is committed, nothing is lost); once it is back the backlog is stored,
-and the unique keys drop whatever a redelivery repeats.
+PostgreSQL. A batch is written while the next one is parsed (one write in flight per family), and
+its offsets, exactly its own, are committed once its transaction has. While PostgreSQL is
+unreachable the write is retried after a growing pause and nothing newer is written or committed
+(the exporter pauses, nothing is lost); once it is back the backlog is stored, and the unique keys
+drop whatever a redelivery repeats.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import asyncpg
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -38,6 +41,7 @@ from services.exporter.store import (
     result_row,
     retry_row,
     routing_decision_row,
+    without_nul,
 )
 from shared import topics
 from shared.db.tables import (
@@ -121,7 +125,7 @@ class Backoff:
 
 
 class Persister:
-    """Stores one batch of a family: parse, build rows, insert; unstorable rows alone; failures paused."""
+    """Stores the batches of each family: parse, build rows, write (one write in flight), commit its offsets."""
 
     def __init__(
         self, broker: KafkaBroker, engine: AsyncEngine, settings: ExporterSettings, metrics: ExporterMetrics
@@ -131,6 +135,8 @@ class Persister:
         self.metrics = metrics
         self.initial_backoff_s = max(settings.retries.backoff.initial_ms / 1000.0, 0.05)
         self.max_backoff_s = settings.exporter.max_backoff_s
+        self.writes: dict[str, asyncio.Task[None]] = {}  # per family, the batch being written
+        self.closing = False
 
     def subscribe(self, family: Family, options: Any) -> None:
         """Subscribe to a family's topics under its group; commit only after the rows are stored."""
@@ -145,34 +151,65 @@ class Persister:
             max_records=options.max_batch_size,
             batch_timeout_ms=options.max_wait_ms,
             auto_offset_reset="earliest",
-            ack_policy=AckPolicy.MANUAL,  # committed only after the database commit
+            ack_policy=AckPolicy.MANUAL,  # committed by `write`, after the database commit
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             decoder=leave_undecoded,
             title=f"persist {family.name}",
         )
         async def persist(message: KafkaMessage) -> None:
-            started_ns = time.time_ns()
+            records: tuple[ConsumerRecord, ...] = message.raw_message
+            items = rows_of(records, family)  # parsed while the previous batch is still being written
+            await self.finish_write(family.name)
+            if self.closing:
+                return  # not committed: the next exporter reads these records again
+            write = self.write(family, records, items, message.consumer, backoff)
+            self.writes[family.name] = asyncio.create_task(write, name=f"persist {family.name}")
+
+    async def finish_write(self, name: str) -> None:
+        """Wait for a family's write in flight, if any (it never raises: it retries until stored)."""
+        if (write := self.writes.pop(name, None)) is not None:
+            await write
+
+    async def close(self, timeout_s: float) -> None:
+        """On shutdown: start no new write, and let those in flight commit (those still retrying are cancelled:
+        their records are read again on restart)."""
+        self.closing = True
+        writes = list(self.writes.values())
+        if writes:
+            _, unfinished = await asyncio.wait(writes, timeout=timeout_s)
+            for write in unfinished:
+                write.cancel()
+
+    async def write(
+        self,
+        family: Family,
+        records: tuple[ConsumerRecord, ...],
+        items: list[tuple[ConsumerRecord, Row]],
+        consumer: Any,
+        backoff: Backoff,
+    ) -> None:
+        """Store a batch, retrying with a growing pause while PostgreSQL fails; then commit its offsets."""
+        started_ns = time.time_ns()
+        while True:
             try:
-                await self.store_batch(family, message.raw_message)
+                await self.store_batch(family, items)
+                break
             except Exception as error:
                 delay = backoff.next_delay()
                 self.metrics.store_failures.labels(family.name).inc()
                 self.metrics.database_up.set(0)
                 logger.warning(
-                    "storing a batch of %s failed (%s: %s); pausing %.1f s, then reading it again",
+                    "storing a batch of %s failed (%s: %s); trying again in %.1f s",
                     family.name, type(error).__name__, error, delay,
                 )  # fmt: skip
                 await asyncio.sleep(delay)
-                await message.nack()  # seeks back: the same records come again
-                return
-            backoff.reset()
-            self.metrics.database_up.set(1)
-            trace_persisted(message.raw_message, f"persist {family.model.__name__}", started_ns)
-            await message.ack()
+        backoff.reset()
+        self.metrics.database_up.set(1)
+        trace_persisted(records, f"persist {family.model.__name__}", started_ns)
+        await commit_offsets(consumer, records)
 
-    async def store_batch(self, family: Family, records: tuple[ConsumerRecord, ...]) -> int:
+    async def store_batch(self, family: Family, items: list[tuple[ConsumerRecord, Row]]) -> int:
         """Store a batch in one transaction; if PostgreSQL refuses a row's data, store row by row."""
-        items = rows_of(records, family)
         try:
             return await self.insert(family, [row for _, row in items])
         except Exception as error:
@@ -214,6 +251,24 @@ class Persister:
         )  # fmt: skip
 
 
+async def commit_offsets(consumer: Any, records: tuple[ConsumerRecord, ...]) -> None:
+    """Commit exactly past this batch's records. The consumer's own position may be further on (the next batch
+    is fetched while this one is written), so a plain commit() would claim records not yet stored."""
+    if not isinstance(consumer, AIOKafkaConsumer):
+        await consumer.commit()  # FastStream's in-memory test consumer: no positions to name
+        return
+    offsets: dict[TopicPartition, int] = {}
+    for record in records:
+        partition = TopicPartition(record.topic, record.partition)
+        offsets[partition] = max(offsets.get(partition, 0), record.offset + 1)
+    try:
+        await consumer.commit(offsets)
+    except KafkaError as error:
+        # a rebalance took the partitions away: their new owner reads these records again, and the
+        # unique keys drop the rows already stored
+        logger.warning("offsets of a stored batch not committed (%s): its records will be read again", error)
+
+
 def trace_persisted(records: tuple[ConsumerRecord, ...], name: str, started_ns: int) -> None:
     """A span per stored record in the trace it came with, timed as the batch's database write."""
     ended_ns = time.time_ns()
@@ -228,11 +283,12 @@ def trace_persisted(records: tuple[ConsumerRecord, ...], name: str, started_ns: 
 
 def register_handlers(
     broker: KafkaBroker, settings: ExporterSettings, engine: AsyncEngine, metrics: ExporterMetrics
-) -> None:
+) -> Persister:
     """Subscribe the exporter to every topic family it persists."""
     persister = Persister(broker, engine, settings, metrics)
     for family in families(settings):
         persister.subscribe(family, settings.exporter)
+    return persister
 
 
 async def leave_undecoded(message: Any) -> None:
@@ -242,13 +298,19 @@ async def leave_undecoded(message: Any) -> None:
 
 
 def rows_of(records: tuple[ConsumerRecord, ...], family: Family) -> list[tuple[ConsumerRecord, Row]]:
-    """The rows of a batch's valid messages, with their records (probes have none)."""
+    """The rows of a batch's valid messages, with their records (probes have none), NUL replaced."""
     rows = []
     for record, item in parse_all(records, family.model):
         row = family.row_of(record, item)
         if row is not None:
-            rows.append((record, row))
+            rows.append((record, without_nul(row) if may_hold_nul(record) else row))
     return rows
+
+
+def may_hold_nul(record: ConsumerRecord) -> bool:
+    """Whether a record could give a row text with U+0000. JSON can only carry it escaped (a bare control
+    character is invalid JSON), so one scan of the bytes spares almost every row a walk through its values."""
+    return b"\\u0000" in record.value or any(value and b"\x00" in value for _, value in record.headers or ())
 
 
 def trace_id_of(record: ConsumerRecord) -> str | None:

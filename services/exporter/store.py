@@ -1,18 +1,20 @@
-"""Idempotent batched writes: rows are COPied into a staging table, then inserted with ON CONFLICT DO NOTHING.
+"""Idempotent batched writes: rows are COPied into their table; a batch holding a stored key goes through a
+staging table and INSERT ... ON CONFLICT DO NOTHING.
 
-COPY is PostgreSQL's fastest way in; going through a staging table keeps its speed while letting the
+COPY is PostgreSQL's fastest way in; the staging table keeps most of its speed while letting the
 unique keys drop what is already stored, so a redelivered message never duplicates a row.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
+import asyncpg
 from aiokafka import ConsumerRecord
-from sqlalchemy import String, Text
+from pydantic_core import to_json
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -166,51 +168,51 @@ def json_columns(table: type[Base]) -> frozenset[str]:
     return frozenset(column.name for column in table.__table__.columns if isinstance(column.type, JSONB))
 
 
-def text_columns(table: type[Base]) -> frozenset[str]:
-    """Columns of a string type: PostgreSQL refuses NUL in them."""
-    return frozenset(column.name for column in table.__table__.columns if isinstance(column.type, String | Text))
-
-
-def clean_text(value: str | None) -> str | None:
-    """Text without NUL (the scan is in C; a replacement is rare)."""
-    return value.replace("\x00", "\ufffd") if value is not None and "\x00" in value else value
-
-
 def encode_json(value: Any) -> str | None:
-    """JSON text for COPY. Serialised first: only text with an escaped NUL in it needs the slow clean-up."""
-    if value is None:
-        return None
-    serialised = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    if "\\u0000" in serialised:
-        serialised = json.dumps(without_nul(value), ensure_ascii=False, separators=(",", ":"))
-    return serialised
+    """JSON text, as COPY takes a JSONB value (serialised by pydantic-core: a fifth of `json.dumps`'s time)."""
+    return None if value is None else to_json(value).decode()
 
 
-def unchanged(value: Any) -> Any:
-    return value
-
-
-def column_encoders(table: type[Base], columns: list[str]) -> list[Callable[[Any], Any]]:
-    """For each column, what turns a row's value into what COPY takes (chosen once per batch, not per value)."""
-    as_json, as_text = json_columns(table), text_columns(table)
-    return [encode_json if c in as_json else clean_text if c in as_text else unchanged for c in columns]
+def copy_records(table: type[Base], columns: list[str], rows: Sequence[Row]) -> list[tuple[Any, ...]]:
+    """The rows as COPY takes them: a tuple per row in `columns` order, JSON columns as text."""
+    values_of = itemgetter(*columns) if len(columns) > 1 else lambda row: (row[columns[0]],)
+    json_names = json_columns(table)
+    as_json = [index for index, column in enumerate(columns) if column in json_names]
+    if not as_json:
+        return [values_of(row) for row in rows]
+    records = []
+    for row in rows:
+        values = list(values_of(row))
+        for index in as_json:
+            values[index] = encode_json(values[index])
+        records.append(tuple(values))
+    return records
 
 
 async def insert_new(engine: AsyncEngine, table: type[Base], rows: Sequence[Row]) -> int:
-    """Insert `rows`, skipping keys already stored (or repeated in `rows`); returns rows inserted. One transaction."""
+    """Insert `rows`, skipping keys already stored (or repeated in `rows`); returns rows inserted. Atomic.
+    Their text must hold no NUL, which PostgreSQL refuses (`without_nul`).
+
+    The rows are COPied straight into the table: almost always none is stored yet. When one is (a
+    redelivery), that COPY fails as a whole and the rows go through a staging table and
+    INSERT ... ON CONFLICT DO NOTHING instead.
+    """
     if not rows:
         return 0
     key = key_columns(table)
     unique = list({tuple(row[column] for column in key): row for row in rows}.values())
     columns = list(unique[0])
-    encoders = list(zip(column_encoders(table, columns), columns, strict=True))
-    records = [tuple([convert(row[column]) for convert, column in encoders]) for row in unique]
+    records = copy_records(table, columns, unique)
     name = table.__tablename__
-    staging = f"staging_{name}"
-    column_list = ", ".join(columns)
     async with engine.connect() as connection:
         driver = (await connection.get_raw_connection()).driver_connection
         assert driver is not None  # an open pooled connection always has its asyncpg connection
+        try:
+            await driver.copy_records_to_table(name, records=records, columns=columns)  # one statement: atomic
+            return len(records)
+        except asyncpg.exceptions.UniqueViolationError:
+            pass  # some of these rows are stored already
+        staging, column_list = f"staging_{name}", ", ".join(columns)
         async with driver.transaction():
             await driver.execute(
                 f"CREATE TEMP TABLE {staging} ON COMMIT DROP AS SELECT {column_list} FROM {name} WITH NO DATA"
@@ -220,25 +222,6 @@ async def insert_new(engine: AsyncEngine, table: type[Base], rows: Sequence[Row]
                 f"INSERT INTO {name} ({column_list}) SELECT {column_list} FROM {staging} ON CONFLICT DO NOTHING"
             )
     return int(status.rsplit(" ", 1)[-1])  # "INSERT 0 <rows>"
-
-
-async def store_requests(
-    engine: AsyncEngine, requests: list[ChatRequest], trace_ids: list[str | None] | None = None
-) -> int:
-    """Insert requests, skipping ids already stored; returns rows inserted."""
-    traces = trace_ids if trace_ids is not None else [None] * len(requests)
-    rows = [request_row(request, trace) for request, trace in zip(requests, traces, strict=True)]
-    return await insert_new(engine, RequestRow, rows)
-
-
-async def store_results(engine: AsyncEngine, results: list[ChatResult]) -> int:
-    """Insert results, skipping ids already stored; returns rows inserted."""
-    return await insert_new(engine, ResultRow, [result_row(r) for r in results])
-
-
-async def store_feedback(engine: AsyncEngine, feedback: list[Feedback]) -> int:
-    """Insert feedback, skipping ids already stored; returns rows inserted."""
-    return await insert_new(engine, FeedbackRow, [feedback_row(f) for f in feedback])
 
 
 TABLES_BY_NAME: dict[str, type[Base]] = {

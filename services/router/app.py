@@ -16,7 +16,7 @@ from services.router.metrics import register_breaker_gauge
 from services.router.scoring import use_scorer
 from shared.kafka import ensure_topics, make_broker
 from shared.registry import RegistryView
-from shared.service import ops_routes
+from shared.service import ops_routes, tune_garbage_collector
 from shared.settings import load_settings
 from shared.telemetry import setup_tracing
 
@@ -45,6 +45,7 @@ def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
 
     async def install_scorer() -> None:
         use_scorer(await asyncio.to_thread(load_scorer, settings.router.scorer, settings.routing.threshold))
+        tune_garbage_collector()  # the embedding model's objects too
 
     return AsgiFastStream(
         broker,

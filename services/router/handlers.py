@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from services.router.breaker import CircuitBreaker
 from services.router.load import PoolLoad
 from services.router.routing import Decision, PoolView, UnroutableError, decide
-from services.router.scoring import Score, score_batch
+from services.router.scoring import Score, score_batch, score_clear
 from shared import topics
 from shared.cancellation import CancelledRequests
 from shared.kafka import FETCH_MAX_WAIT_MS, publish_dead_letter, publish_result, rewind
@@ -92,15 +92,7 @@ def register_handlers(broker: KafkaBroker, settings: CommonSettings, state: Pool
         records: tuple[ConsumerRecord, ...] = message.raw_message
         try:
             parsed = await parse_requests(broker, records)
-            view = await state.view()
-            # In a thread: embedding a batch takes CPU time the event loop needs for Kafka.
-            scores = await asyncio.to_thread(score_batch, [request for _, request in parsed])
-            await asyncio.gather(
-                *(
-                    traced(record, route_one(broker, settings, cancelled, request=request, score=score, view=view))
-                    for (record, request), score in zip(parsed, scores, strict=True)
-                )
-            )
+            await route_batch(broker, settings, cancelled, parsed, await state.view())
         except Exception:
             logger.exception("routing a batch of %d failed; it will be read again", len(records))
             await asyncio.sleep(settings.retries.backoff.initial_ms / 1000)
@@ -122,6 +114,37 @@ def register_handlers(broker: KafkaBroker, settings: CommonSettings, state: Pool
     async def watch_result(result: ChatResult) -> None:
         """Feed the breakers and the queue-wait averages."""
         state.observe(result)
+
+
+async def route_batch(
+    broker: KafkaBroker,
+    settings: CommonSettings,
+    cancelled: CancelledRequests,
+    parsed: list[tuple[ConsumerRecord, ChatRequest]],
+    view: PoolView,
+) -> None:
+    """Route the requests the cheap features settle at once, the others once their embedding is scored."""
+    first = score_clear([request for _, request in parsed])
+    undecided = [pair for pair, score in zip(parsed, first, strict=True) if score is None]
+    # In a thread: the embedding's CPU time would be the event loop's otherwise, and the clear requests
+    # are routed meanwhile instead of waiting for it.
+    embedding = asyncio.create_task(asyncio.to_thread(score_batch, [request for _, request in undecided]))  # noqa: RUF006 - awaited below
+    try:
+        await asyncio.gather(
+            *(
+                traced(record, route_one(broker, settings, cancelled, request=request, score=score, view=view))
+                for (record, request), score in zip(parsed, first, strict=True)
+                if score is not None
+            )
+        )
+    finally:
+        scores = await embedding  # a thread cannot be cancelled: a retry of the batch waits for it
+    await asyncio.gather(
+        *(
+            traced(record, route_one(broker, settings, cancelled, request=request, score=score, view=view))
+            for (record, request), score in zip(undecided, scores, strict=True)
+        )
+    )
 
 
 async def traced(record: ConsumerRecord, work: Awaitable[None]) -> None:

@@ -182,12 +182,10 @@ class Scorer:
 
     def score_batch(self, requests: list[ChatRequest]) -> list[Score]:
         """One Score per request, in order; the embedding runs only for the uncertain ones."""
-        features = np.asarray([extract_features(request) for request in requests], dtype=np.float64)
+        features = self._features(requests)
         cheap = self.artefact.cheap.predict(features)
-        uncertain = [i for i, p in enumerate(cheap) if abs(p - self.threshold) < self.band]
-        scores = [
-            self._explain(self.artefact.cheap, features[i : i + 1], float(cheap[i])) for i in range(len(requests))
-        ]
+        scores = [self._explain(self.artefact.cheap, features[i : i + 1], float(p)) for i, p in enumerate(cheap)]
+        uncertain = [i for i, p in enumerate(cheap) if self._uncertain(float(p))]
         if uncertain:
             embeddings = self.embedder.embed([user_text(requests[i]) for i in uncertain]).astype(np.float64)
             full_inputs = np.hstack([features[uncertain], embeddings])
@@ -195,6 +193,21 @@ class Scorer:
                 value = float(self.artefact.full.predict(full_inputs[row : row + 1])[0])
                 scores[i] = self._explain(self.artefact.full, full_inputs[row : row + 1], value)
         return scores
+
+    def score_clear(self, requests: list[ChatRequest]) -> list[Score | None]:
+        """The cheap stage alone: a Score where it settles the request, None where the embedding must decide
+        (what `score_batch` would embed). Takes microseconds, so the router decides these without waiting."""
+        features = self._features(requests)
+        return [
+            None if self._uncertain(float(p)) else self._explain(self.artefact.cheap, features[i : i + 1], float(p))
+            for i, p in enumerate(self.artefact.cheap.predict(features))
+        ]
+
+    def _features(self, requests: list[ChatRequest]) -> npt.NDArray[np.float64]:
+        return np.asarray([extract_features(request) for request in requests], dtype=np.float64)
+
+    def _uncertain(self, cheap_score: float) -> bool:
+        return abs(cheap_score - self.threshold) < self.band
 
     def _explain(self, stage: Stage, x: npt.NDArray[np.float64], value: float) -> Score:
         """Per-feature contributions to the calibrated logit; the embedding summed into one."""

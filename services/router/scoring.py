@@ -72,6 +72,8 @@ class RequestScorer(Protocol):
 
     def score_batch(self, requests: list[ChatRequest]) -> list[Score]: ...
 
+    def score_clear(self, requests: list[ChatRequest]) -> list[Score | None]: ...
+
 
 _installed: list[RequestScorer] = []  # the router's learned scorer, when it loaded
 
@@ -94,6 +96,13 @@ def score_batch(requests: list[ChatRequest]) -> list[Score]:
         return []
     if _installed:
         return _installed[0].score_batch(requests)
+    return [heuristic_score(request) for request in requests]
+
+
+def score_clear(requests: list[ChatRequest]) -> list[Score | None]:
+    """The scores cheap features settle, at once; None for the requests `score_batch` must embed."""
+    if _installed and requests:
+        return _installed[0].score_clear(requests)
     return [heuristic_score(request) for request in requests]
 
 

@@ -18,7 +18,7 @@ from services.worker.metrics import WorkerMetrics, register_gpu_gauges
 from shared.kafka import ensure_topics, make_broker
 from shared.messages import ModelCard, utcnow
 from shared.registry import CHAT_INPUTS, CHAT_OUTPUTS, RegistryPublisher, new_instance_id
-from shared.service import ops_routes
+from shared.service import ops_routes, tune_garbage_collector
 from shared.settings import load_settings
 from shared.telemetry import setup_tracing
 
@@ -81,6 +81,7 @@ def create_app(settings: WorkerSettings | None = None) -> AsgiFastStream:
         await ensure_topics(settings)
         models.update(await asyncio.to_thread(load_models, settings))
         register_gpu_gauges(registry)
+        tune_garbage_collector()  # the models' objects too
 
     async def register() -> None:
         nonlocal publisher

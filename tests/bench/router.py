@@ -8,8 +8,9 @@ questions, many longer than a chat turn. Three measurements, side by side in one
 2. The same cold pass with the previous embedding engine (torch fp32, 256 tokens): the cascade and
    its embedded share are the same, so the ratio is the engine's.
 3. Fixed rate: requests arrive on a clock at `--rate` per second; the scorer takes whatever has
-   arrived (up to `--batch-size`) as one batch, as the router's batched subscriber does. A decision's
-   latency runs from its arrival to its score, queueing included.
+   arrived (up to `--batch-size`) as one batch, as the router's batched subscriber does, and decides
+   its clear requests before embedding the others (services/router/handlers.route_batch). A
+   decision's latency runs from its arrival to its score, queueing included.
 
 Writes bench/results/router.json.
 """
@@ -27,6 +28,7 @@ from services.router.embedding import Embedder, EmbeddingSpec
 from services.router.learned import Artefact, Scorer
 from services.router.training import load_splits
 from shared.messages import ChatRequest
+from shared.service import tune_garbage_collector
 from shared.settings import load_settings
 from tests.bench.serving import percentile, write_results
 from tests.e2e.harness import REPO
@@ -54,7 +56,8 @@ def throughput(scorer: Scorer, requests: list[ChatRequest], batch_size: int) -> 
 
 
 def at_fixed_rate(scorer: Scorer, requests: list[ChatRequest], rate: float, batch_size: int) -> dict[str, float]:
-    """Open loop: request i arrives at i / rate s; each is scored in the first batch after it arrives."""
+    """Open loop: request i arrives at i / rate s and joins the first batch after it arrives. As in the router,
+    a batch's clear requests are decided by the cheap stage at once, the others after their embedding."""
     latencies_ms: list[float] = []
     batches = 0
     started = time.perf_counter()
@@ -68,9 +71,15 @@ def at_fixed_rate(scorer: Scorer, requests: list[ChatRequest], rate: float, batc
         arrived = taken
         while arrived < len(requests) and arrived - taken < batch_size and arrivals[arrived] <= now:
             arrived += 1
-        scorer.score_batch(requests[taken:arrived])
-        done = time.perf_counter()
-        latencies_ms += [(done - arrivals[i]) * 1000 for i in range(taken, arrived)]
+        first = scorer.score_clear(requests[taken:arrived])
+        clear_done = time.perf_counter()
+        undecided = [i for i, score in zip(range(taken, arrived), first, strict=True) if score is None]
+        scorer.score_batch([requests[i] for i in undecided])
+        embedded_done = time.perf_counter()
+        latencies_ms += [
+            ((clear_done if score is not None else embedded_done) - arrivals[i]) * 1000
+            for i, score in zip(range(taken, arrived), first, strict=True)
+        ]
         batches += 1
         taken = arrived
     return {
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
 
     current = scorer_with(artefact.embedding)
     current.score_batch(prompts[-4:])  # load and warm the engine outside the timings
+    tune_garbage_collector()  # as the router does once it is built
     cold = cold_pass(current, throughput_prompts, args.batch_size)
     warm = throughput(current, throughput_prompts, args.batch_size)
     fixed = at_fixed_rate(current, rate_prompts, args.rate, args.batch_size)

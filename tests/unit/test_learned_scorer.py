@@ -89,6 +89,20 @@ def test_the_cascade_embeds_only_near_the_threshold_and_once(artefact: Artefact)
     assert embedder.computed == len(near) and embedder.cache_hits == len(near)
 
 
+def test_the_cheap_pass_settles_what_the_cascade_would_not_embed(artefact: Artefact) -> None:
+    embedder = Embedder(artefact.embedding, cache_size=64)
+    scorer = Scorer(artefact, embedder, threshold=0.5, band=0.10)
+    requests = load_splits(DATA)["validation"].requests[:200]
+    first = scorer.score_clear(requests)
+    assert embedder.computed == 0, "the cheap pass never runs the embedding"
+    full = scorer.score_batch(requests)
+    settled = [i for i, score in enumerate(first) if score is not None]
+    assert 0 < len(settled) < len(requests)
+    assert all(first[i] == full[i] for i in settled)
+    assert all("embedding" in full[i].contributions for i in range(len(requests)) if first[i] is None)
+    assert embedder.computed == len(requests) - len(settled)
+
+
 def test_the_artefact_round_trips(artefact: Artefact, tmp_path: Path) -> None:
     path = tmp_path / "scorer.json"
     artefact.save(path)
