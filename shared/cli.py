@@ -260,7 +260,8 @@ def cmd_router_train(args: argparse.Namespace) -> int:
     settings = load_settings(RouterSettings)
     threshold = settings.routing.threshold if args.threshold is None else args.threshold
     band = settings.router.scorer.band if args.band is None else args.band
-    embedder = Embedder(EmbeddingSpec(engine=args.engine, max_tokens=args.max_tokens), cache_size=1_000_000)
+    spec = EmbeddingSpec(engine=args.engine, max_tokens=args.max_tokens, layers=args.layers)
+    embedder = Embedder(spec, cache_size=1_000_000)
     artefact = train(Path(args.data), Path(args.output), embedder, threshold, band)
     print(f"wrote {args.output}; held-out figures:")
     print(json.dumps(artefact.metrics, indent=1))
@@ -348,6 +349,9 @@ def add_router_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     train.add_argument("--output", required=True, help="artefact file to write (JSON)")
     train.add_argument("--engine", choices=("onnx-int8", "torch"), default="onnx-int8", help="embedding engine")
     train.add_argument("--max-tokens", type=int, default=32, help="prompt tokens embedded (default 32)")
+    train.add_argument(
+        "--layers", type=int, default=2, help="encoder layers run, of MiniLM's 6 (default 2: routes as well as 6)"
+    )
     evaluate = router.add_parser("eval", help=cmd_router_eval.__doc__, description=cmd_router_eval.__doc__)
     evaluate.add_argument("--data", required=True, help="labelled JSONL (prompt, label, source, split)")
     evaluate.add_argument("--artefact", help="default: router.scorer.artefact from the settings")

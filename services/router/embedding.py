@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 DIMENSIONS = 384
 MODEL_MAX_TOKENS = 256  # the length the model was trained on
+MODEL_LAYERS = 6
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 Engine = Literal["torch", "onnx-int8"]
 
@@ -49,18 +50,25 @@ class EmbeddingSpec:
     model: str = MODEL_NAME
     engine: Engine = "onnx-int8"
     max_tokens: int = 32
+    layers: int = MODEL_LAYERS  # the first `layers` transformer layers: fewer cost less, and say a little less
+
+    def __post_init__(self) -> None:
+        if self.model != MODEL_NAME or self.engine not in ("torch", "onnx-int8"):
+            raise ValueError(f"unsupported embedding {self}: this code runs {MODEL_NAME} with torch or onnx-int8")
+        if not 1 <= self.max_tokens <= MODEL_MAX_TOKENS:
+            raise ValueError(f"embedding max_tokens must be in 1..{MODEL_MAX_TOKENS}, not {self.max_tokens}")
+        if not 1 <= self.layers <= MODEL_LAYERS:
+            raise ValueError(f"embedding layers must be in 1..{MODEL_LAYERS}, not {self.layers}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EmbeddingSpec:
-        spec = cls(model=data["model"], engine=data["engine"], max_tokens=int(data["max_tokens"]))
-        if spec.model != MODEL_NAME or spec.engine not in ("torch", "onnx-int8"):
-            raise ValueError(f"unsupported embedding {spec}: this code runs {MODEL_NAME} with torch or onnx-int8")
-        if not 1 <= spec.max_tokens <= MODEL_MAX_TOKENS:
-            raise ValueError(f"embedding max_tokens must be in 1..{MODEL_MAX_TOKENS}, not {spec.max_tokens}")
-        return spec
+        return cls(
+            model=data["model"], engine=data["engine"], max_tokens=int(data["max_tokens"]),
+            layers=int(data.get("layers", MODEL_LAYERS)),  # artefacts written before layers could be cut
+        )  # fmt: skip
 
 
 def packaged_model_dir() -> Path:
@@ -82,13 +90,22 @@ class Encoder(Protocol):
     def __call__(self, tokens: dict[str, npt.NDArray[np.int64]]) -> npt.NDArray[np.float32]: ...
 
 
+def load_encoder_model(model_dir: Path, layers: int, **options: Any) -> Any:
+    """The checkpoint in eval mode, keeping its first `layers` transformer layers."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, **options).eval()
+    model.encoder.layer = model.encoder.layer[:layers]
+    model.config.num_hidden_layers = layers
+    return model
+
+
 class TorchEncoder:
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, layers: int = MODEL_LAYERS) -> None:
         import torch
-        from transformers import AutoModel
 
         self._torch = torch
-        self._model: Any = AutoModel.from_pretrained(model_dir).eval()
+        self._model: Any = load_encoder_model(model_dir, layers)
 
     def __call__(self, tokens: dict[str, npt.NDArray[np.int64]]) -> npt.NDArray[np.float32]:
         torch = self._torch
@@ -98,7 +115,7 @@ class TorchEncoder:
 
 
 class OnnxInt8Encoder:
-    def __init__(self, model_dir: Path, cache_dir: Path, threads: int) -> None:
+    def __init__(self, model_dir: Path, cache_dir: Path, threads: int, layers: int = MODEL_LAYERS) -> None:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -106,38 +123,36 @@ class OnnxInt8Encoder:
         options.inter_op_num_threads = 1
         # idle threads sleep instead of spinning: the router's event loop and Kafka client share the cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        path = int8_onnx_model(model_dir, cache_dir)
+        path = int8_onnx_model(model_dir, cache_dir, layers)
         self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, tokens: dict[str, npt.NDArray[np.int64]]) -> npt.NDArray[np.float32]:
         return self._session.run(None, tokens)[0]  # type: ignore[no-any-return]
 
 
-def int8_onnx_model(model_dir: Path, cache_dir: Path) -> Path:
-    """The int8 ONNX encoder of `model_dir`, built on first use (~10 s) and kept under `cache_dir`."""
+def int8_onnx_model(model_dir: Path, cache_dir: Path, layers: int = MODEL_LAYERS) -> Path:
+    """The int8 ONNX encoder of `model_dir` (its first `layers` layers), built on first use (~10 s) and kept
+    under `cache_dir`."""
     digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
-    target = cache_dir / f"minilm-{digest}" / "model-int8.onnx"
+    name = "model-int8.onnx" if layers == MODEL_LAYERS else f"model-{layers}-layers-int8.onnx"
+    target = cache_dir / f"minilm-{digest}" / name
     if target.exists():
         return target
     logger.info("building the int8 ONNX embedding encoder in %s (once, about 10 s) ...", target.parent)
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".building-"))
     try:
-        export_fp32_onnx(model_dir, staging / "model.onnx")
-        quantize_to_int8(staging / "model.onnx", staging / "model-int8.onnx")
-        (staging / "model.onnx").unlink()
-        try:
-            os.replace(staging, target.parent)  # atomic: a router started alongside sees all or nothing
-        except OSError:
-            if not target.exists():  # not another process having won the race
-                raise
+        export_fp32_onnx(model_dir, staging / "model.onnx", layers)
+        quantize_to_int8(staging / "model.onnx", staging / target.name)
+        target.parent.mkdir(exist_ok=True)
+        os.replace(staging / target.name, target)  # atomic: a router started alongside sees all or nothing
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("int8 ONNX embedding encoder ready")
     return target
 
 
-def export_fp32_onnx(model_dir: Path, path: Path) -> None:
+def export_fp32_onnx(model_dir: Path, path: Path, layers: int = MODEL_LAYERS) -> None:
     """Export the encoder with dynamic batch and sequence axes.
 
     The TorchScript exporter (`dynamo=False`) is enough here: BERT's graph has no data-dependent
@@ -147,9 +162,9 @@ def export_fp32_onnx(model_dir: Path, path: Path) -> None:
     import warnings
 
     import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    model = load_encoder_model(model_dir, layers, attn_implementation="eager")
 
     class LastHiddenState(torch.nn.Module):
         def __init__(self) -> None:
@@ -205,9 +220,9 @@ class Embedder:
         model_dir = model_dir or packaged_model_dir()
         self._tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
         self._encoder: Encoder = (
-            TorchEncoder(model_dir)
+            TorchEncoder(model_dir, self.spec.layers)
             if self.spec.engine == "torch"
-            else OnnxInt8Encoder(model_dir, cache_dir or default_cache_dir(), threads)
+            else OnnxInt8Encoder(model_dir, cache_dir or default_cache_dir(), threads, self.spec.layers)
         )
         self._cache: OrderedDict[str, npt.NDArray[np.float32]] = OrderedDict()
         self.cache_size = cache_size

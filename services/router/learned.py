@@ -204,7 +204,8 @@ class Scorer:
         ]
 
     def _features(self, requests: list[ChatRequest]) -> npt.NDArray[np.float64]:
-        return np.asarray([extract_features(request) for request in requests], dtype=np.float64)
+        rows = [extract_features(request) for request in requests]
+        return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(FEATURE_NAMES))  # (0, n) when empty
 
     def _uncertain(self, cheap_score: float) -> bool:
         return abs(cheap_score - self.threshold) < self.band

@@ -92,8 +92,6 @@ def score_request(request: ChatRequest) -> Score:
 
 def score_batch(requests: list[ChatRequest]) -> list[Score]:
     """One score per request; the learned scorer embeds the batch's borderline prompts in one pass."""
-    if not requests:  # a batch of nothing but dead letters: the learned scorer cannot take an empty matrix
-        return []
     if _installed:
         return _installed[0].score_batch(requests)
     return [heuristic_score(request) for request in requests]
@@ -101,7 +99,7 @@ def score_batch(requests: list[ChatRequest]) -> list[Score]:
 
 def score_clear(requests: list[ChatRequest]) -> list[Score | None]:
     """The scores cheap features settle, at once; None for the requests `score_batch` must embed."""
-    if _installed and requests:
+    if _installed:
         return _installed[0].score_clear(requests)
     return [heuristic_score(request) for request in requests]
 

@@ -58,6 +58,20 @@ def test_int8_embeddings_stay_close_to_fp32_at_the_same_length(cache_dir: Path) 
     assert cosines.min() > 0.97, cosines  # per-tensor scales gave 0.91 on MiniLM
 
 
+def test_a_cut_encoder_runs_only_its_first_layers_in_both_engines(cache_dir: Path) -> None:
+    fp32 = embed(EmbeddingSpec(engine="torch", layers=2), cache_dir)
+    int8 = embed(EmbeddingSpec(engine="onnx-int8", layers=2), cache_dir)
+    assert (fp32 * int8).sum(axis=1).min() > 0.97
+    whole = embed(EmbeddingSpec(engine="torch"), cache_dir)
+    assert (fp32 * whole).sum(axis=1).max() < 0.99, "two layers of six give other vectors than all six"
+
+
+def test_an_artefact_from_before_layers_could_be_cut_runs_all_six() -> None:
+    spec = EmbeddingSpec.from_json({"model": "sentence-transformers/all-MiniLM-L6-v2", "engine": "onnx-int8",
+                                    "max_tokens": 32})  # fmt: skip
+    assert spec.layers == 6
+
+
 def test_the_int8_encoder_is_built_once_and_reused(cache_dir: Path) -> None:
     first = int8_onnx_model(packaged_model_dir(), cache_dir)
     built_at = first.stat().st_mtime_ns
@@ -77,6 +91,7 @@ def test_embeddings_do_not_depend_on_batch_order(cache_dir: Path) -> None:
         {"model": "some/other-model", "engine": "torch", "max_tokens": 64},
         {"model": "sentence-transformers/all-MiniLM-L6-v2", "engine": "tensorrt", "max_tokens": 64},
         {"model": "sentence-transformers/all-MiniLM-L6-v2", "engine": "torch", "max_tokens": 4096},
+        {"model": "sentence-transformers/all-MiniLM-L6-v2", "engine": "torch", "max_tokens": 32, "layers": 7},
     ],
 )
 def test_an_artefact_asking_for_an_embedding_this_code_cannot_run_is_refused(document: dict[str, object]) -> None:

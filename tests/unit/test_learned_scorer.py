@@ -12,7 +12,7 @@ import pytest
 from services.router.config import DEFAULT_ARTEFACT, ScorerOptions
 from services.router.embedding import DIMENSIONS, Embedder
 from services.router.learned import FEATURE_NAMES, Artefact, Scorer, extract_features, load_scorer
-from services.router.scoring import heuristic_score, score_batch, score_request, use_scorer
+from services.router.scoring import heuristic_score, score_batch, score_clear, score_request, use_scorer
 from services.router.training import as_request, evaluate, load_splits
 from shared.cli import main as autoglm
 from shared.messages import ChatMessage, ChatRequest
@@ -162,6 +162,6 @@ def test_a_batch_with_no_valid_request_scores_to_nothing(artefact: Artefact, emb
     """A batch of garbage is all dead letters: scoring what is left must not fail (the batch would loop)."""
     use_scorer(Scorer(artefact, embedder, threshold=0.5, band=0.1))
     try:
-        assert score_batch([]) == []
+        assert score_batch([]) == [] and score_clear([]) == []
     finally:
         use_scorer(None)
