@@ -136,6 +136,7 @@ class Persister:
         self.initial_backoff_s = max(settings.retries.backoff.initial_ms / 1000.0, 0.05)
         self.max_backoff_s = settings.exporter.max_backoff_s
         self.writes: dict[str, asyncio.Task[None]] = {}  # per family, the batch being written
+        self.commits: dict[str, asyncio.Task[None]] = {}  # per family, the last offsets being committed
         self.closing = False
 
     def subscribe(self, family: Family, options: Any) -> None:
@@ -179,6 +180,8 @@ class Persister:
             _, unfinished = await asyncio.wait(writes, timeout=timeout_s)
             for write in unfinished:
                 write.cancel()
+        if commits := list(self.commits.values()):
+            await asyncio.wait(commits, timeout=timeout_s)
 
     async def write(
         self,
@@ -206,7 +209,9 @@ class Persister:
         backoff.reset()
         self.metrics.database_up.set(1)
         trace_persisted(records, f"persist {family.model.__name__}", started_ns)
-        await commit_offsets(consumer, records)
+        # The next batch may be written while these offsets travel to Kafka; commits stay in order.
+        previous = self.commits.get(family.name)
+        self.commits[family.name] = asyncio.create_task(commit_offsets(consumer, records, after=previous))
 
     async def store_batch(self, family: Family, items: list[tuple[ConsumerRecord, Row]]) -> int:
         """Store a batch in one transaction; if PostgreSQL refuses a row's data, store row by row."""
@@ -251,9 +256,14 @@ class Persister:
         )  # fmt: skip
 
 
-async def commit_offsets(consumer: Any, records: tuple[ConsumerRecord, ...]) -> None:
-    """Commit exactly past this batch's records. The consumer's own position may be further on (the next batch
-    is fetched while this one is written), so a plain commit() would claim records not yet stored."""
+async def commit_offsets(
+    consumer: Any, records: tuple[ConsumerRecord, ...], after: asyncio.Task[None] | None = None
+) -> None:
+    """Commit exactly past this batch's records, once the commit `after` (the previous batch's) is done. The
+    consumer's own position may be further on (the next batch is fetched while this one is written), so a
+    plain commit() would claim records not yet stored."""
+    if after is not None:
+        await after  # never raises: a failed commit is logged
     if not isinstance(consumer, AIOKafkaConsumer):
         await consumer.commit()  # FastStream's in-memory test consumer: no positions to name
         return
@@ -273,9 +283,11 @@ def trace_persisted(records: tuple[ConsumerRecord, ...], name: str, started_ns: 
     """A span per stored record in the trace it came with, timed as the batch's database write."""
     ended_ns = time.time_ns()
     for record in records:
+        if not any(key == "traceparent" for key, _ in record.headers or ()):
+            continue  # a producer that sends no trace context: a lone span would be a trace of its own
         context = record_context(record)
         if not trace.get_current_span(context).get_span_context().is_valid:
-            continue  # a producer that sends no trace context: a lone span would be a trace of its own
+            continue
         key = record.key.decode("utf-8", errors="replace") if isinstance(record.key, bytes) else None
         attributes = {"messaging.destination.name": record.topic, "autoglm.record_key": key or ""}
         timed_span(name, context, started_ns, ended_ns, attributes=attributes)
