@@ -14,8 +14,10 @@ from datetime import timedelta
 import asyncpg
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from services.exporter.handlers import commit_offsets
 from services.exporter.retention import AGE_COLUMNS, purge_older_than
 from shared import topics
 from shared.db import make_engine
@@ -133,8 +135,8 @@ def outage_postgres(command: str) -> str:
 
 
 @pytest.fixture
-def outage_exporter(infra: Infra) -> Iterator[tuple[Service, str]]:
-    """An exporter of its own (own consumer groups) writing to a PostgreSQL cluster of its own."""
+def outage_exporter(infra: Infra) -> Iterator[tuple[Service, str, str]]:
+    """An exporter of its own (own consumer groups: their prefix) writing to a PostgreSQL cluster of its own."""
     outage_postgres("start")
     database_url = outage_postgres("url").splitlines()[-1]
     env = {
@@ -149,7 +151,7 @@ def outage_exporter(infra: Infra) -> Iterator[tuple[Service, str]]:
     exporter.start({**os.environ, **env})
     try:
         Stack(infra, env).wait_for(exporter, time.monotonic() + 120)
-        yield exporter, database_url
+        yield exporter, env["AUTOGLM_EXPORTER__GROUP_PREFIX"], database_url
     finally:
         exporter.stop()
         outage_postgres("stop")  # stopped like the session's own infrastructure; its data stays for the next run
@@ -185,18 +187,62 @@ def metric(port: int, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
+async def committed_offset(infra: Infra, group: str, topic: str) -> int:
+    """The offset a consumer group has committed on partition 0 of `topic` (-1: none yet)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=infra.kafka_bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    committed = offsets.get(TopicPartition(topic, 0))
+    return committed.offset if committed is not None else -1
+
+
+async def test_a_stored_batch_commits_its_own_offsets_not_the_consumers_position(infra: Infra) -> None:
+    """The exporter fetches the next batch while one is written: committing the consumer's position would
+    claim records not yet stored."""
+    topic, group = f"autoglm.test.commit.{uuid.uuid4().hex[:8]}", f"autoglm-test-commit-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=infra.kafka_bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    producer = AIOKafkaProducer(bootstrap_servers=infra.kafka_bootstrap, acks="all")
+    await producer.start()
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=infra.kafka_bootstrap, group_id=group,
+                                enable_auto_commit=False, auto_offset_reset="earliest")  # fmt: skip
+    try:
+        for index in range(10):
+            await producer.send_and_wait(topic, f"record {index}".encode())
+        await consumer.start()
+        records: list[ConsumerRecord] = []
+        while len(records) < 10:
+            for batch in (await consumer.getmany(timeout_ms=1000)).values():
+                records.extend(batch)
+        await commit_offsets(consumer, tuple(records[:4]))  # the first batch stored, the rest still in hand
+        assert await committed_offset(infra, group, topic) == 4
+        await commit_offsets(consumer, tuple(records[4:]))
+        assert await committed_offset(infra, group, topic) == 10
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        await admin.delete_topics([topic])
+        await admin.close()
+
+
 async def test_postgres_outage_mid_stream_loses_nothing_and_duplicates_nothing(
-    infra: Infra, outage_exporter: tuple[Service, str]
+    infra: Infra, outage_exporter: tuple[Service, str, str]
 ) -> None:
-    exporter, database_url = outage_exporter
+    exporter, group_prefix, database_url = outage_exporter
     prefix, total = f"fb-outage-{uuid.uuid4().hex[:8]}-", 600
     producer = AIOKafkaProducer(bootstrap_servers=infra.kafka_bootstrap, acks="all")
     await producer.start()
+    offsets: dict[int, int] = {}  # index -> offset on the feedback topic's single partition
 
     async def stream(start: int, stop: int) -> None:
         for index in range(start, stop):
             message = Feedback(request_id=f"chatcmpl-{index}", feedback_id=f"{prefix}{index:05d}", score=1.0)
-            await producer.send_and_wait(topics.FEEDBACK, message.model_dump_json().encode(), key=b"outage")
+            sent = await producer.send_and_wait(topics.FEEDBACK, message.model_dump_json().encode(), key=b"outage")
+            offsets[index] = sent.offset
             await asyncio.sleep(0.01)
 
     try:
@@ -206,6 +252,10 @@ async def test_postgres_outage_mid_stream_loses_nothing_and_duplicates_nothing(
         await stream(200, 400)  # sent while PostgreSQL is down
         await wait_until(lambda: store_failed(OUTAGE_EXPORTER_PORT), 30, "the exporter noticed the outage")
         assert metric(OUTAGE_EXPORTER_PORT, "autoglm_exporter_database_up") == 0
+        # The exporter has read past what it stored (it parses the next batch while one is written), but
+        # nothing sent during the outage is committed: a crash now would lose none of it.
+        group = f"{group_prefix}-{topics.FEEDBACK}"
+        assert await committed_offset(infra, group, topics.FEEDBACK) <= offsets[200]
         await asyncio.to_thread(outage_postgres, "start")
         await stream(400, total)
     finally:
