@@ -129,22 +129,20 @@ async def route_batch(
     # In a thread: the embedding's CPU time would be the event loop's otherwise, and the clear requests
     # are routed meanwhile instead of waiting for it.
     embedding = asyncio.create_task(asyncio.to_thread(score_batch, [request for _, request in undecided]))  # noqa: RUF006 - awaited below
-    try:
+
+    async def route_all(scored: list[tuple[tuple[ConsumerRecord, ChatRequest], Score]]) -> None:
         await asyncio.gather(
             *(
                 traced(record, route_one(broker, settings, cancelled, request=request, score=score, view=view))
-                for (record, request), score in zip(parsed, first, strict=True)
-                if score is not None
+                for (record, request), score in scored
             )
         )
+
+    try:
+        await route_all([(pair, score) for pair, score in zip(parsed, first, strict=True) if score is not None])
     finally:
         scores = await embedding  # a thread cannot be cancelled: a retry of the batch waits for it
-    await asyncio.gather(
-        *(
-            traced(record, route_one(broker, settings, cancelled, request=request, score=score, view=view))
-            for (record, request), score in zip(undecided, scores, strict=True)
-        )
-    )
+    await route_all(list(zip(undecided, scores, strict=True)))
 
 
 async def traced(record: ConsumerRecord, work: Awaitable[None]) -> None:
