@@ -45,6 +45,7 @@ def create_app(settings: ExporterSettings | None = None) -> AsgiFastStream:
         await ensure_topics(settings)
         if settings.exporter.migrate_on_start:
             await upgrade_async(settings.database_url)
+        await persister.start()
         await purger.start()
         await lag.start()
 

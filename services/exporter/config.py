@@ -12,6 +12,13 @@ class ExporterOptions(BaseModel):
     port: int = Field(default=8102, ge=1, le=65535)
     max_batch_size: int = Field(default=500, ge=1, le=10_000)
     max_wait_ms: int = Field(default=200, ge=1, le=10_000)
+    parse_processes: int = Field(
+        default=1,
+        ge=0,
+        le=32,
+        description="Worker processes that parse records into rows while the service writes the previous batch "
+        "(0: parse in the service's own process).",
+    )
     migrate_on_start: bool = True
     group_prefix: str = Field(
         default="autoglm-exporter",

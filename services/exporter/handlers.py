@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -26,26 +24,25 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from opentelemetry import trace
-from pydantic import BaseModel, ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.exporter.config import ExporterSettings
 from services.exporter.metrics import ExporterMetrics
-from services.exporter.store import (
-    Row,
-    cancellation_row,
-    dead_letter_row,
-    feedback_row,
-    insert_new,
-    request_row,
-    result_row,
-    retry_row,
-    routing_decision_row,
-    without_nul,
+from services.exporter.parsing import (
+    Family,
+    ParsedBatch,
+    RecordParser,
+    stored_cancellation,
+    stored_dead_letter,
+    stored_feedback,
+    stored_request,
+    stored_result,
+    stored_retry,
+    stored_routing_decision,
 )
+from services.exporter.store import CopyRecord, copy_new
 from shared import topics
 from shared.db.tables import (
-    Base,
     CancellationRow,
     DeadLetterRow,
     FeedbackRow,
@@ -60,25 +57,6 @@ from shared.telemetry import record_context, timed_span
 
 logger = logging.getLogger(__name__)
 
-MessageT = TypeVar("MessageT", bound=BaseModel)
-# W3C trace context: version-traceid-parentid-flags, as FastStream's telemetry middleware writes it.
-TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
-RowOf = Callable[[ConsumerRecord, Any], Row | None]
-"""The row of a parsed message, or None when it is not stored (probes)."""
-
-
-@dataclass(frozen=True)
-class Family:
-    """Topics whose messages (all one schema) become rows of one table, under one consumer group."""
-
-    name: str
-    topics: list[str]
-    model: type[BaseModel]
-    table: type[Base]
-    row_of: RowOf
-    group_id: str
-    dead_letter_refused: bool = True  # False for dead letters themselves: that would loop
-
 
 def families(settings: ExporterSettings) -> list[Family]:
     """Every topic family the exporter persists."""
@@ -87,24 +65,17 @@ def families(settings: ExporterSettings) -> list[Family]:
     jobs = [topic for pool in pools for topic in (topics.jobs_topic(pool), topics.priority_topic(pool))]
     return [
         # Groups of the first three keep their original names, so an upgraded exporter resumes where it was.
-        Family("requests", [topics.REQUESTS], ChatRequest, RequestRow,
-               lambda record, request: None if request.probe else request_row(request, trace_id_of(record)),
-               f"{prefix}-{topics.REQUESTS}"),
-        Family("results", [topics.RESULTS], ChatResult, ResultRow,
-               lambda record, result: None if result.probe else result_row(result), f"{prefix}-{topics.RESULTS}"),
-        Family("feedback", [topics.FEEDBACK], Feedback, FeedbackRow,
-               lambda record, feedback: feedback_row(feedback), f"{prefix}-{topics.FEEDBACK}"),
-        Family("routing_decisions", jobs, RoutedJob, RoutingDecisionRow,
-               lambda record, job: None if job.request.probe else routing_decision_row(job, record.topic),
-               f"{prefix}-jobs"),
-        Family("retries", [topics.retry_topic(pool) for pool in pools], RoutedJob, RetryRow,
-               lambda record, job: None if job.request.probe else retry_row(job, record), f"{prefix}-retries"),
-        Family("dead_letters", [topics.DEADLETTER], DeadLetter, DeadLetterRow,
-               lambda record, letter: dead_letter_row(letter, record), f"{prefix}-{topics.DEADLETTER}",
-               dead_letter_refused=False),
+        Family("requests", [topics.REQUESTS], ChatRequest, RequestRow, stored_request, f"{prefix}-{topics.REQUESTS}"),
+        Family("results", [topics.RESULTS], ChatResult, ResultRow, stored_result, f"{prefix}-{topics.RESULTS}"),
+        Family("feedback", [topics.FEEDBACK], Feedback, FeedbackRow, stored_feedback, f"{prefix}-{topics.FEEDBACK}"),
+        Family("routing_decisions", jobs, RoutedJob, RoutingDecisionRow, stored_routing_decision, f"{prefix}-jobs"),
+        Family("retries", [topics.retry_topic(pool) for pool in pools], RoutedJob, RetryRow, stored_retry,
+               f"{prefix}-retries"),
+        Family("dead_letters", [topics.DEADLETTER], DeadLetter, DeadLetterRow, stored_dead_letter,
+               f"{prefix}-{topics.DEADLETTER}", dead_letter_refused=False),
         # The control topic has no group of its own (every router and worker reads all of it): this one is ours.
-        Family("cancellations", [topics.CONTROL], CancelRequest, CancellationRow,
-               lambda record, cancel: cancellation_row(cancel), f"{prefix}-{topics.CONTROL}"),
+        Family("cancellations", [topics.CONTROL], CancelRequest, CancellationRow, stored_cancellation,
+               f"{prefix}-{topics.CONTROL}"),
     ]  # fmt: skip
 
 
@@ -128,9 +99,15 @@ class Persister:
     """Stores the batches of each family: parse, build rows, write (one write in flight), commit its offsets."""
 
     def __init__(
-        self, broker: KafkaBroker, engine: AsyncEngine, settings: ExporterSettings, metrics: ExporterMetrics
+        self,
+        broker: KafkaBroker,
+        engine: AsyncEngine,
+        settings: ExporterSettings,
+        metrics: ExporterMetrics,
+        service: str = "exporter",
     ) -> None:
         self.broker = broker
+        self.parser = RecordParser(settings.exporter.parse_processes, service, settings.log_level, settings.log_format)
         self.engine = engine
         self.metrics = metrics
         self.initial_backoff_s = max(settings.retries.backoff.initial_ms / 1000.0, 0.05)
@@ -159,11 +136,11 @@ class Persister:
         )
         async def persist(message: KafkaMessage) -> None:
             records: tuple[ConsumerRecord, ...] = message.raw_message
-            items = rows_of(records, family)  # parsed while the previous batch is still being written
+            parsed = await self.parser.rows(records, family)  # parsed while the previous batch is being written
             await self.finish_write(family.name)
             if self.closing:
                 return  # not committed: the next exporter reads these records again
-            write = self.write(family, records, items, message.consumer, backoff)
+            write = self.write(family, records, parsed, message.consumer, backoff)
             self.writes[family.name] = asyncio.create_task(write, name=f"persist {family.name}")
 
     async def finish_write(self, name: str) -> None:
@@ -171,9 +148,13 @@ class Persister:
         if (write := self.writes.pop(name, None)) is not None:
             await write
 
+    async def start(self) -> None:
+        """Before the first batch: start the processes that parse records."""
+        await self.parser.start()
+
     async def close(self, timeout_s: float) -> None:
         """On shutdown: start no new write, and let those in flight commit (those still retrying are cancelled:
-        their records are read again on restart)."""
+        their records are read again on restart); then stop the parsing processes."""
         self.closing = True
         writes = list(self.writes.values())
         if writes:
@@ -182,12 +163,13 @@ class Persister:
                 write.cancel()
         if commits := list(self.commits.values()):
             await asyncio.wait(commits, timeout=timeout_s)
+        await asyncio.to_thread(self.parser.close)
 
     async def write(
         self,
         family: Family,
         records: tuple[ConsumerRecord, ...],
-        items: list[tuple[ConsumerRecord, Row]],
+        parsed: ParsedBatch,
         consumer: Any,
         backoff: Backoff,
     ) -> None:
@@ -195,7 +177,7 @@ class Persister:
         started_ns = time.time_ns()
         while True:
             try:
-                await self.store_batch(family, items)
+                await self.store_batch(family, parsed)
                 break
             except Exception as error:
                 delay = backoff.next_delay()
@@ -213,43 +195,42 @@ class Persister:
         previous = self.commits.get(family.name)
         self.commits[family.name] = asyncio.create_task(commit_offsets(consumer, records, after=previous))
 
-    async def store_batch(self, family: Family, items: list[tuple[ConsumerRecord, Row]]) -> int:
+    async def store_batch(self, family: Family, parsed: ParsedBatch) -> int:
         """Store a batch in one transaction; if PostgreSQL refuses a row's data, store row by row."""
         try:
-            return await self.insert(family, [row for _, row in items])
+            return await self.insert(family, parsed.columns, [values for _, values in parsed.rows])
         except Exception as error:
             if not is_unstorable(error):
                 raise
         logger.warning("a batch of %s holds an unstorable row; storing it row by row", family.name)
         inserted = 0
-        for record, row in items:
+        for record, values in parsed.rows:
             try:
-                inserted += await self.insert(family, [row])
+                inserted += await self.insert(family, parsed.columns, [values])
             except Exception as error:
                 if not is_unstorable(error):
                     raise
-                await self.refuse(family, record, row, error)
+                await self.refuse(family, record, parsed.request_id(values), error)
         return inserted
 
-    async def insert(self, family: Family, rows: list[Row]) -> int:
+    async def insert(self, family: Family, columns: list[str], rows: list[CopyRecord]) -> int:
         """Insert and count: rows stored, duplicates skipped, time taken, batch size."""
         if not rows:
             return 0
         started = time.perf_counter()
-        inserted = await insert_new(self.engine, family.table, rows)
+        inserted = await copy_new(self.engine, family.table, columns, rows)
         self.metrics.store_seconds.labels(family.name).observe(time.perf_counter() - started)
         self.metrics.batch_rows.labels(family.name).observe(len(rows))
         self.metrics.rows_stored.labels(family.name).inc(inserted)
         self.metrics.rows_duplicate.labels(family.name).inc(len(rows) - inserted)
         return inserted
 
-    async def refuse(self, family: Family, record: ConsumerRecord, row: Row, error: Exception) -> None:
+    async def refuse(self, family: Family, record: ConsumerRecord, request_id: str | None, error: Exception) -> None:
         """A row PostgreSQL will never take: dead-letter its message (a dead letter itself is only logged)."""
         if not family.dead_letter_refused:
             logger.error("dead letter at %s[%d]@%d cannot be stored: %s", record.topic, record.partition,
                          record.offset, error)  # fmt: skip
             return
-        request_id = row.get("request_id")  # every message the exporter stores is about a request
         await publish_dead_letter(
             self.broker, service="exporter", source_topic=record.topic, body=record.value,
             error=error, request_id=request_id,
@@ -309,32 +290,6 @@ async def leave_undecoded(message: Any) -> None:
     return
 
 
-def rows_of(records: tuple[ConsumerRecord, ...], family: Family) -> list[tuple[ConsumerRecord, Row]]:
-    """The rows of a batch's valid messages, with their records (probes have none), NUL replaced."""
-    rows = []
-    for record, item in parse_all(records, family.model):
-        row = family.row_of(record, item)
-        if row is not None:
-            rows.append((record, without_nul(row) if may_hold_nul(record) else row))
-    return rows
-
-
-def may_hold_nul(record: ConsumerRecord) -> bool:
-    """Whether a record could give a row text with U+0000. JSON can only carry it escaped (a bare control
-    character is invalid JSON), so one scan of the bytes spares almost every row a walk through its values."""
-    return b"\\u0000" in record.value or any(value and b"\x00" in value for _, value in record.headers or ())
-
-
-def trace_id_of(record: ConsumerRecord) -> str | None:
-    """The trace id in a record's W3C `traceparent` header; None without one (e.g. a bare producer)."""
-    for key, value in record.headers or ():
-        if key == "traceparent":
-            match = TRACEPARENT.match(value.decode("ascii", errors="replace").strip())
-            trace_id = match.group(1) if match else None
-            return trace_id if trace_id and trace_id != "0" * 32 else None
-    return None
-
-
 def is_unstorable(error: BaseException) -> bool:
     """True when PostgreSQL refused the data itself, so retrying the same rows cannot help."""
     cause: BaseException | None = error
@@ -343,18 +298,3 @@ def is_unstorable(error: BaseException) -> bool:
             return True
         cause = cause.__cause__
     return False
-
-
-def parse_all(records: tuple[ConsumerRecord, ...], model: type[MessageT]) -> list[tuple[ConsumerRecord, MessageT]]:
-    """Valid messages of a batch with their records. Invalid ones are skipped: their producer's consumers
-    dead-letter them (the router for requests, ...), and a record nobody can read must not stop the exporter."""
-    parsed = []
-    for record in records:
-        try:
-            parsed.append((record, model.model_validate_json(record.value)))
-        except ValidationError as error:
-            logger.warning(
-                "skipping an invalid %s at %s[%d]@%d: %s",
-                model.__name__, record.topic, record.partition, record.offset, error.error_count(),
-            )  # fmt: skip
-    return parsed

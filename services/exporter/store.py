@@ -32,6 +32,8 @@ from shared.db.tables import (
 from shared.messages import CancelRequest, ChatRequest, ChatResult, DeadLetter, Feedback, RoutedJob
 
 Row = dict[str, Any]
+CopyRecord = tuple[Any, ...]
+"""A row as COPY takes it: its values in the order of the batch's columns, JSON as text."""
 
 
 def without_nul(value: Any) -> Any:
@@ -158,11 +160,6 @@ def from_unix_ms(milliseconds: int) -> datetime:
     return datetime.fromtimestamp(milliseconds / 1000, UTC)
 
 
-def key_columns(table: type[Base]) -> tuple[str, ...]:
-    """The primary key's columns: what makes a row unique, so what a redelivery must not repeat."""
-    return tuple(column.name for column in table.__table__.primary_key)
-
-
 def json_columns(table: type[Base]) -> frozenset[str]:
     """Columns of a JSON type: COPY takes them as serialised text."""
     return frozenset(column.name for column in table.__table__.columns if isinstance(column.type, JSONB))
@@ -173,7 +170,7 @@ def encode_json(value: Any) -> str | None:
     return None if value is None else to_json(value).decode()
 
 
-def copy_records(table: type[Base], columns: list[str], rows: Sequence[Row]) -> list[tuple[Any, ...]]:
+def copy_records(table: type[Base], columns: list[str], rows: Sequence[Row]) -> list[CopyRecord]:
     """The rows as COPY takes them: a tuple per row in `columns` order, JSON columns as text."""
     values_of = itemgetter(*columns) if len(columns) > 1 else lambda row: (row[columns[0]],)
     json_names = json_columns(table)
@@ -190,19 +187,23 @@ def copy_records(table: type[Base], columns: list[str], rows: Sequence[Row]) -> 
 
 
 async def insert_new(engine: AsyncEngine, table: type[Base], rows: Sequence[Row]) -> int:
-    """Insert `rows`, skipping keys already stored (or repeated in `rows`); returns rows inserted. Atomic.
-    Their text must hold no NUL, which PostgreSQL refuses (`without_nul`).
-
-    The rows are COPied straight into the table: almost always none is stored yet. When one is (a
-    redelivery), that COPY fails as a whole and the rows go through a staging table and
-    INSERT ... ON CONFLICT DO NOTHING instead.
-    """
+    """`copy_new` for rows as dicts (all with the same keys)."""
     if not rows:
         return 0
-    key = key_columns(table)
-    unique = list({tuple(row[column] for column in key): row for row in rows}.values())
-    columns = list(unique[0])
-    records = copy_records(table, columns, unique)
+    columns = list(rows[0])
+    return await copy_new(engine, table, columns, copy_records(table, columns, rows))
+
+
+async def copy_new(engine: AsyncEngine, table: type[Base], columns: list[str], records: list[CopyRecord]) -> int:
+    """Insert `records` (`copy_records`), skipping keys already stored or repeated; returns rows inserted.
+    Atomic. Their text must hold no NUL, which PostgreSQL refuses (`without_nul`).
+
+    The records are COPied straight into the table: almost always none is stored yet. When one is (a
+    redelivery), that COPY fails as a whole and the records go through a staging table and
+    INSERT ... ON CONFLICT DO NOTHING instead (which also keeps the first of keys repeated in the batch).
+    """
+    if not records:
+        return 0
     name = table.__tablename__
     async with engine.connect() as connection:
         driver = (await connection.get_raw_connection()).driver_connection

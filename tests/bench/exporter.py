@@ -37,8 +37,9 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.exporter.config import ExporterSettings
-from services.exporter.handlers import Family, Persister
+from services.exporter.handlers import Persister
 from services.exporter.metrics import ExporterMetrics
+from services.exporter.parsing import Family, stored_result
 from services.exporter.store import insert_new, json_columns, result_row
 from shared.db import make_engine
 from shared.db.migrate import upgrade_async
@@ -146,10 +147,10 @@ async def end_to_end(settings: ExporterSettings, engine: AsyncEngine, count: int
         broker = make_broker(
             settings, service="exporter-bench", registry=registry, trace_messages=False
         )  # as the exporter
-        family = Family("results", [topic], ChatResult, ResultRow, lambda record, result: result_row(result),
-                        f"autoglm-exporter-bench-{tag}")  # fmt: skip
+        family = Family("results", [topic], ChatResult, ResultRow, stored_result, f"autoglm-exporter-bench-{tag}")
         persister = Persister(broker, engine, settings, ExporterMetrics.create(registry))
         persister.subscribe(family, settings.exporter)
+        await persister.start()  # as the exporter does before it consumes
         tune_garbage_collector()  # as a service does once it is built
         await broker.start()
         try:

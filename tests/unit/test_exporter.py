@@ -1,17 +1,30 @@
-"""The exporter's rows and pause logic, without a broker or a database."""
+"""The exporter's rows, its record-parsing processes and pause logic, without a broker or a database."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 from datetime import UTC, datetime
 
 from aiokafka import ConsumerRecord
 
 from services.exporter.config import ExporterSettings
 from services.exporter.handlers import Backoff, families
-from services.exporter.store import dead_letter_row, json_columns, key_columns, retry_row, routing_decision_row
+from services.exporter.parsing import Family, ParsedBatch, RecordParser
+from services.exporter.store import dead_letter_row, json_columns, retry_row, routing_decision_row
 from shared import topics
-from shared.db.tables import DeadLetterRow, RetryRow, RoutingDecisionRow
-from shared.messages import ChatMessage, ChatRequest, DeadLetter, RoutedJob, RoutingExplanation
+from shared.db.tables import RoutingDecisionRow
+from shared.messages import (
+    ChatMessage,
+    ChatRequest,
+    ChatResult,
+    Choice,
+    DeadLetter,
+    RoutedJob,
+    RoutingExplanation,
+    utcnow,
+)
 from shared.settings import load_settings
 
 
@@ -58,9 +71,7 @@ def test_a_dead_letter_is_keyed_by_its_kafka_position_and_trimmed_to_fit() -> No
     assert (row["kafka_partition"], row["kafka_offset"]) == (0, 41) and len(row["request_id"]) == 128
 
 
-def test_unique_keys_and_json_columns_come_from_the_tables() -> None:
-    assert key_columns(RetryRow) == ("request_id", "attempt")
-    assert key_columns(DeadLetterRow) == ("kafka_partition", "kafka_offset")
+def test_json_columns_come_from_the_table() -> None:
     assert json_columns(RoutingDecisionRow) == {"reasons", "routing"}
 
 
@@ -77,3 +88,58 @@ def test_the_pause_doubles_up_to_its_bound_and_a_success_resets_it() -> None:
     assert [backoff.next_delay() for _ in range(5)] == [0.2, 0.4, 0.8, 1.0, 1.0]
     backoff.reset()
     assert backoff.next_delay() == 0.2
+
+
+def result_record(result: ChatResult, offset: int) -> ConsumerRecord:  # type: ignore[type-arg]
+    value = result.model_dump_json().encode()
+    return ConsumerRecord(topics.RESULTS, 0, offset, 1_700_000_000_000, 0, None, value, None, 0, len(value), [])
+
+
+def a_batch() -> tuple[ConsumerRecord, ...]:  # type: ignore[type-arg]
+    """A valid result, an invalid record, a probe's result, and a result whose answer holds NUL."""
+    ok = ChatResult(request_id="ok", model="tiny-light", created_at=utcnow(),
+                    choices=[Choice(message=ChatMessage(role="assistant", content="fine"))])  # fmt: skip
+    probe = ChatResult(request_id="probe", probe=True, created_at=utcnow())
+    nul = ChatResult(request_id="nul", created_at=utcnow(),
+                     choices=[Choice(message=ChatMessage(role="assistant", content="a\x00b"))])  # fmt: skip
+    invalid = ConsumerRecord(topics.RESULTS, 0, 1, 0, 0, None, b'{"request_id": 5}', None, 0, 17, [])
+    return (result_record(ok, 0), invalid, result_record(probe, 2), result_record(nul, 3))
+
+
+def results_family() -> Family:
+    return next(family for family in families(load_settings(ExporterSettings)) if family.name == "results")
+
+
+async def parsed_by(parser: RecordParser, batch: tuple[ConsumerRecord, ...]) -> ParsedBatch:  # type: ignore[type-arg]
+    await parser.start()
+    try:
+        return await parser.rows(batch, results_family())
+    finally:
+        parser.close()
+
+
+async def test_a_worker_process_parses_a_batch_as_the_service_itself_would() -> None:
+    batch = a_batch()
+    here = await parsed_by(RecordParser(processes=0, service="exporter"), batch)
+    there = await parsed_by(RecordParser(processes=1, service="exporter"), batch)
+    assert [record.offset for record, _ in there.rows] == [0, 3]  # the invalid record and the probe skipped
+    contents = [values[there.columns.index("content")] for _, values in there.rows]
+    assert contents == ["fine", "a\ufffdb"]  # PostgreSQL refuses NUL
+    assert there.request_id(there.rows[1][1]) == "nul"
+    assert there.columns == here.columns and [values for _, values in there.rows] == [v for _, v in here.rows]
+
+
+async def test_a_batch_is_still_parsed_when_a_worker_process_dies() -> None:
+    parser = RecordParser(processes=1, service="exporter")
+    await parser.start()
+    try:
+        assert parser.pool is not None
+        for process in list(parser.pool._processes.values()):
+            os.kill(process.pid, signal.SIGKILL)
+        await asyncio.sleep(0.5)
+        parsed = await parser.rows(a_batch(), results_family())
+        assert [record.offset for record, _ in parsed.rows] == [0, 3]
+        again = await parser.rows(a_batch(), results_family())  # by new worker processes
+        assert [record.offset for record, _ in again.rows] == [0, 3]
+    finally:
+        parser.close()

@@ -9,7 +9,7 @@ import pytest
 from aiokafka import ConsumerRecord
 from pydantic import ValidationError
 
-from services.exporter.handlers import trace_id_of
+from services.exporter.parsing import trace_id_of
 from services.exporter.store import request_row, result_row, without_nul
 from services.gateway.api import Delivery
 from services.gateway.errors import ApiError
