@@ -28,6 +28,8 @@ EOF
 }
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=deploy/local/lib.sh
+source "$SCRIPT_DIR/lib.sh"
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 VAR_DIR=${AUTOGLM_VAR_DIR:-$REPO_ROOT/var}
 CACHE_DIR=${AUTOGLM_CACHE_DIR:-$REPO_ROOT/.cache}
@@ -60,10 +62,6 @@ JAEGER_VAR="$VAR_DIR/jaeger"
 PID_FILE="$JAEGER_VAR/jaeger.pid"
 LOG_FILE="$JAEGER_VAR/jaeger.log"
 
-die() {
-    echo "error: $*" >&2
-    exit 1
-}
 
 # ---------------------------------------------------------------- build
 
@@ -121,20 +119,9 @@ cmd_build() {
 
 # ------------------------------------------------------------------ process state
 
-# Prints the pid if our Jaeger is running; a stale pid file whose pid was reused does not count.
+# Prints the pid if our Jaeger is running.
 running_pid() {
-    [[ -f $PID_FILE ]] || return 1
-    local pid
-    pid=$(<"$PID_FILE")
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "jaeger" || return 1
-    echo "$pid"
-}
-
-port_open() {
-    # shellcheck disable=SC2016 # $1/$2 are expanded by the inner bash
-    timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
+    running_pid_of 'jaeger'
 }
 
 # The query API answers only once storage, receivers and the query server are all up.
@@ -142,13 +129,6 @@ query_api_ready() {
     curl -fsS -m 3 -o /dev/null "http://$HOST:$UI_PORT/api/services" 2>/dev/null
 }
 
-show_log_tail() {
-    if [[ -f $LOG_FILE ]]; then
-        echo "---- last 30 lines of $LOG_FILE ----" >&2
-        tail -n 30 "$LOG_FILE" >&2
-        echo "----" >&2
-    fi
-}
 
 wait_ready() {
     local pid=${1:-} start=$SECONDS

@@ -24,6 +24,8 @@ EOF
 }
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=deploy/local/lib.sh
+source "$SCRIPT_DIR/lib.sh"
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 VAR_DIR=${AUTOGLM_VAR_DIR:-$REPO_ROOT/var}
 CACHE_DIR=${AUTOGLM_CACHE_DIR:-$REPO_ROOT/.cache}
@@ -51,10 +53,6 @@ CLUSTER_ID_FILE="$KAFKA_VAR/cluster.id"
 PID_FILE="$KAFKA_VAR/kafka.pid"
 LOG_FILE="$KAFKA_VAR/kafka.log"
 
-die() {
-    echo "error: $*" >&2
-    exit 1
-}
 
 # ---------------------------------------------------------------- prerequisites
 
@@ -100,23 +98,12 @@ fetch_jars() {
 
 # ------------------------------------------------------------------ process state
 
-# Prints the broker's pid if it is running. The command line is checked too, so
-# a stale pid file whose pid was reused by another process does not count.
+# Prints the broker's pid if it is running.
 running_pid() {
-    [[ -f $PID_FILE ]] || return 1
-    local pid
-    pid=$(<"$PID_FILE")
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kafka\.Kafka' || return 1
-    echo "$pid"
+    running_pid_of 'kafka\.Kafka'
 }
 
 # True if something accepts TCP connections on $1:$2.
-port_open() {
-    # shellcheck disable=SC2016 # $1/$2 are expanded by the inner bash
-    timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
-}
 
 # Sets EXT_HOST and EXT_PORT from the first server of AUTOGLM_KAFKA_BOOTSTRAP
 # ("PLAINTEXT://h1:9092,h2:9092" -> h1, 9092).
@@ -131,13 +118,6 @@ parse_external_bootstrap() {
         die "AUTOGLM_KAFKA_BOOTSTRAP must be host:port[,host:port...], got '$EXTERNAL_BOOTSTRAP'"
 }
 
-show_log_tail() {
-    if [[ -f $LOG_FILE ]]; then
-        echo "---- last 30 lines of $LOG_FILE ----" >&2
-        tail -n 30 "$LOG_FILE" >&2
-        echo "----" >&2
-    fi
-}
 
 # The broker's port can accept TCP connections (kernel backlog) a moment before
 # it serves requests; the log line below comes after request processing is on.

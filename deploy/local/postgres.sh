@@ -24,6 +24,8 @@ EOF
 }
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=deploy/local/lib.sh
+source "$SCRIPT_DIR/lib.sh"
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 VAR_DIR=${AUTOGLM_VAR_DIR:-$REPO_ROOT/var}
 
@@ -47,10 +49,6 @@ LOG_FILE="$PG_VAR/postgres.log"
 
 PG_BIN=""
 
-die() {
-    echo "error: $*" >&2
-    exit 1
-}
 
 # ---------------------------------------------------------------- prerequisites
 
@@ -164,10 +162,6 @@ is_running() {
 }
 
 # True if something accepts TCP connections on $1:$2.
-port_open() {
-    # shellcheck disable=SC2016 # $1/$2 are expanded by the inner bash
-    timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
-}
 
 # Sets EXT_HOST and EXT_PORT from AUTOGLM_DATABASE_URL
 # ("postgresql+asyncpg://user:pw@host:5432/db?x=y" -> host, 5432).
@@ -194,13 +188,6 @@ is_ready() {
     "$PG_BIN/pg_isready" --quiet --host="$HOST" --port="$PORT" --dbname=postgres
 }
 
-show_log_tail() {
-    if [[ -f $LOG_FILE ]]; then
-        echo "---- last 30 lines of $LOG_FILE ----" >&2
-        tail -n 30 "$LOG_FILE" >&2
-        echo "----" >&2
-    fi
-}
 
 wait_ready() {
     local start=$SECONDS
