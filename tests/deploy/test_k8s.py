@@ -97,7 +97,8 @@ def test_replicas_resources_and_probes_come_from_the_deployment_file(kustomize: 
 
 
 def test_pods_read_the_deployment_file_and_kafka_from_config_maps(kustomize: Path) -> None:
-    """The deployment file is mounted from a generated ConfigMap; the Kafka address and the file path come by env."""
+    """The deployment file is mounted from a generated ConfigMap; the Kafka address, the file path and where the
+    exporter forwards spans come by env."""
     objects = build(kustomize, "deployment")
     config_maps = by_kind(objects, "ConfigMap")
     (deployment_map,) = [cm for name, cm in config_maps.items() if name.startswith("autoglm-deployment-")]
@@ -105,6 +106,7 @@ def test_pods_read_the_deployment_file_and_kafka_from_config_maps(kustomize: Pat
     (env_map,) = [cm for name, cm in config_maps.items() if name.startswith("autoglm-env-")]
     assert env_map["data"]["AUTOGLM_KAFKA_BOOTSTRAP"] == "kafka:9092"
     assert env_map["data"]["AUTOGLM_CONFIG_FILE"] == "/etc/autoglm/deployment.yaml"
+    assert env_map["data"]["AUTOGLM_TELEMETRY__OTLP_ENDPOINT"] == "http://jaeger-collector:4318"  # spans leave
     for workload in [*by_kind(objects, "Deployment").values(), *by_kind(objects, "StatefulSet").values()]:
         volumes = workload["spec"]["template"]["spec"]["volumes"]
         assert volumes[0]["configMap"]["name"] == deployment_map["metadata"]["name"]
