@@ -10,8 +10,10 @@ per scenario) into the `results` table, in batches of the exporter's `max_batch_
     previous write path, for reference;
   * exporter end to end: the results published to a topic of the bench's own, then consumed by the
     exporter's subscriber (Kafka fetch, parse, rows, COPY, commit of offsets) until all are stored,
-    timed from its consumer's joining the group.
-Each scenario but the multi-row INSERT is the best of `--repeat` runs.
+    timed from its consumer's joining the group; records parsed in the exporter's worker process (its
+    default, `exporter.parse_processes` 1) and, for comparison, in its own process (0).
+Each scenario but the multi-row INSERT runs `--repeat` times, the scenarios in turns; reported: the best run
+(the least disturbed) and the median, and each one's ratio to raw COPY's.
 Writes bench/results/exporter.json.
 """
 
@@ -22,6 +24,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -200,11 +203,23 @@ async def stored_count_reaches(registry: CollectorRegistry, table: str, count: i
         await asyncio.sleep(0.02)
 
 
-async def best_of(repeat: int, scenario: Callable[[str], Awaitable[dict[str, float]]]) -> dict[str, float]:
-    """The fastest of `repeat` runs, each on new keys (a shared 2-core machine is noisy; the best run is the
-    one least disturbed)."""
-    runs = [await scenario(uuid.uuid4().hex[:8]) for _ in range(repeat)]
-    return {**max(runs, key=lambda run: run["rows_per_s"]), "runs": repeat}
+Scenario = Callable[[str], Awaitable[dict[str, float]]]
+
+
+async def interleaved(repeat: int, scenarios: dict[str, Scenario]) -> dict[str, dict[str, Any]]:
+    """`repeat` rounds of every scenario, each run on new keys, in turns (the order reversed every other round),
+    so a slow spell of this noisy shared machine falls on all of them alike. Per scenario: its fastest run
+    (the least disturbed), the median and every run's rows/s."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in scenarios}
+    for round_ in range(repeat):
+        for name in list(scenarios) if round_ % 2 == 0 else list(reversed(scenarios)):
+            runs[name].append(await scenarios[name](uuid.uuid4().hex[:8]))
+    return {
+        name: {**max(done, key=lambda run: run["rows_per_s"]), "runs": len(done),
+               "median_rows_per_s": statistics.median(run["rows_per_s"] for run in done),
+               "all_rows_per_s": [run["rows_per_s"] for run in done]}
+        for name, done in runs.items()
+    }  # fmt: skip
 
 
 async def run_all(infra: Infra, count: int, repeat: int) -> dict[str, Any]:
@@ -212,24 +227,29 @@ async def run_all(infra: Infra, count: int, repeat: int) -> dict[str, Any]:
     await upgrade_async(settings.database_url)
     engine = make_engine(settings.database_url)
     size, dsn = settings.exporter.max_batch_size, plain_dsn(settings.database_url)
+    in_process = settings.model_copy(update={"exporter": settings.exporter.model_copy(update={"parse_processes": 0})})
     try:
-        figures = {
-            "raw_copy": await best_of(repeat, lambda tag: raw_copy(dsn, rows_for(count, tag), size)),
-            "exporter_store_path": await best_of(repeat, lambda tag: store_path(engine, rows_for(count, tag), size)),
-            # Slow: a tenth of the rows is enough to tell its rate.
-            "multi_row_insert": await best_of(
-                1, lambda tag: multi_row_insert(engine, rows_for(count // 10, tag), size)
-            ),
-            "exporter_end_to_end": await best_of(repeat, lambda tag: end_to_end(settings, engine, count, tag)),
-        }
+        figures = await interleaved(repeat, {
+            "raw_copy": lambda tag: raw_copy(dsn, rows_for(count, tag), size),
+            "exporter_store_path": lambda tag: store_path(engine, rows_for(count, tag), size),
+            "exporter_end_to_end": lambda tag: end_to_end(settings, engine, count, tag),
+            "exporter_end_to_end_parsing_in_process": lambda tag: end_to_end(in_process, engine, count, tag),
+        })  # fmt: skip
+        # Slow: one run on a tenth of the rows is enough to tell its rate.
+        slow = {"multi_row_insert": lambda tag: multi_row_insert(engine, rows_for(count // 10, tag), size)}
+        figures |= await interleaved(1, slow)
         async with engine.begin() as connection:  # the bench's rows are not traffic: leave no trace
             await connection.exec_driver_sql("DELETE FROM results WHERE request_id LIKE 'chatcmpl-bench-%'")
     finally:
         await engine.dispose()
     ceiling = figures["raw_copy"]["rows_per_s"]
     ratios = {name: round(value["rows_per_s"] / ceiling, 3) for name, value in figures.items() if name != "raw_copy"}
+    median_ceiling = figures["raw_copy"]["median_rows_per_s"]
+    median_ratios = {name: round(value["median_rows_per_s"] / median_ceiling, 3) for name, value in figures.items()
+                     if name != "raw_copy"}  # fmt: skip
     return {"machine": platform.machine(), "cpus": os.cpu_count(), "rows": count, "batch_size": size,
-            "table": "results", "scenarios": figures, "ratio_to_raw_copy": ratios}  # fmt: skip
+            "table": "results", "scenarios": figures, "ratio_to_raw_copy": ratios,
+            "median_ratio_to_raw_copy": median_ratios}  # fmt: skip
 
 
 def rows_for(count: int, tag: str) -> list[dict[str, Any]]:
@@ -240,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.exporter", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--rows", type=int, default=50_000, help="rows per scenario (default 50000)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each scenario; the best counts (default 3)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the scenarios, in turns (default 3)")
     args = parser.parse_args(argv)
     print("starting Kafka and PostgreSQL ...", flush=True)
     infra = start_infra()
