@@ -186,14 +186,6 @@ def copy_records(table: type[Base], columns: list[str], rows: Sequence[Row]) -> 
     return records
 
 
-async def insert_new(engine: AsyncEngine, table: type[Base], rows: Sequence[Row]) -> int:
-    """`copy_new` for rows as dicts (all with the same keys)."""
-    if not rows:
-        return 0
-    columns = list(rows[0])
-    return await copy_new(engine, table, columns, copy_records(table, columns, rows))
-
-
 async def copy_new(engine: AsyncEngine, table: type[Base], columns: list[str], records: list[CopyRecord]) -> int:
     """Insert `records` (`copy_records`), skipping keys already stored or repeated; returns rows inserted.
     Atomic. Their text must hold no NUL, which PostgreSQL refuses (`without_nul`).

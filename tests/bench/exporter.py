@@ -4,7 +4,7 @@ Starts the test Kafka and PostgreSQL, then stores the same N chat results (same 
 per scenario) into the `results` table, in batches of the exporter's `max_batch_size`:
   * raw COPY: asyncpg `copy_records_to_table` straight into the table, from rows built beforehand
     (the ceiling: no parsing, no duplicate check);
-  * exporter store path: `insert_new` (COPY into the table; a staging table and INSERT ... ON CONFLICT
+  * exporter store path: `copy_records` then `copy_new` (COPY into the table; a staging table and INSERT ... ON CONFLICT
     DO NOTHING only for a batch holding a stored key, which these never do);
   * multi-row INSERT: SQLAlchemy `insert().values(...).on_conflict_do_nothing()`, the exporter's
     previous write path, for reference;
@@ -43,7 +43,7 @@ from services.exporter.config import ExporterSettings
 from services.exporter.handlers import Persister
 from services.exporter.metrics import ExporterMetrics
 from services.exporter.parsing import Family, stored_result
-from services.exporter.store import insert_new, json_columns, result_row
+from services.exporter.store import copy_new, copy_records, json_columns, result_row
 from shared.db import make_engine
 from shared.db.migrate import upgrade_async
 from shared.db.tables import ResultRow
@@ -113,11 +113,12 @@ async def raw_copy(dsn: str, rows: list[dict[str, Any]], batch_size: int) -> dic
 
 
 async def store_path(engine: AsyncEngine, rows: list[dict[str, Any]], batch_size: int) -> dict[str, float]:
-    """The exporter's `insert_new`, batch by batch."""
+    """The exporter's write path, batch by batch: rows as COPY takes them, then `copy_new`."""
 
     async def store_all() -> None:
         for batch in batches(rows, batch_size):
-            await insert_new(engine, ResultRow, batch)
+            columns = list(batch[0])
+            await copy_new(engine, ResultRow, columns, copy_records(ResultRow, columns, batch))
 
     return await timed(len(rows), store_all)
 
