@@ -234,7 +234,7 @@ def traces_lines(settings: CommonSettings) -> list[str]:
     if telemetry.spans == "off":
         return ["  Traces       off (telemetry.spans)"]
     stored = ", stored in PostgreSQL table spans" if telemetry.spans == "bus" else ""
-    return [f"  Traces       {telemetry.traces_ui}  (Jaeger UI and query API{stored})"]
+    return [f"  Traces       {telemetry.traces_ui}  (Jaeger: a request's trace at /trace/<its X-Trace-Id>{stored})"]
 
 
 def print_banner(supervisor: Supervisor, gateway_port: int, settings: CommonSettings) -> None:

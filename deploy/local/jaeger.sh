@@ -23,6 +23,9 @@ environment:
                             unset: the usual 16686, 4317, 4318, 16685 and 13133
   AUTOGLM_VAR_DIR           state dir (default <repo>/var; Jaeger uses var/jaeger)
   AUTOGLM_CACHE_DIR         cache dir (default <repo>/.cache; binary in cache/jaeger/<version>/)
+  AUTOGLM_JAEGER_UI_DIR     web UI Jaeger serves on the UI port: a directory with index.html and
+                            static/, e.g. a built Jaeger UI (default: the small trace view in
+                            deploy/local/jaeger/ui, as no registry we reach ships the Jaeger UI)
   GO                        the Go toolchain (default: go on PATH, else /usr/local/go/bin/go)
 EOF
 }
@@ -58,6 +61,7 @@ STOP_TIMEOUT=15
 BIN_DIR="$CACHE_DIR/jaeger/$JAEGER_VERSION"
 BIN="$BIN_DIR/jaeger"
 CONFIG="$SCRIPT_DIR/jaeger/config.yaml"
+UI_DIR=${AUTOGLM_JAEGER_UI_DIR:-$SCRIPT_DIR/jaeger/ui}
 JAEGER_VAR="$VAR_DIR/jaeger"
 PID_FILE="$JAEGER_VAR/jaeger.pid"
 LOG_FILE="$JAEGER_VAR/jaeger.log"
@@ -165,12 +169,13 @@ cmd_start() {
         port_open "$HOST" "$p" &&
             die "port $p on $HOST is already in use by another process: set AUTOGLM_JAEGER_PORT_BASE"
     done
+    [[ -f $UI_DIR/index.html ]] || die "AUTOGLM_JAEGER_UI_DIR=$UI_DIR has no index.html"
     cmd_build
     if [[ -f $LOG_FILE ]]; then mv -f "$LOG_FILE" "$LOG_FILE.1"; fi
     echo "starting Jaeger $JAEGER_VERSION (in-memory) on $HOST:$UI_PORT, log: $LOG_FILE"
     # setsid: Ctrl-C in the calling terminal does not reach it; 8>&- 9>&-: it must not hold our locks.
     JAEGER_UI_PORT=$UI_PORT JAEGER_OTLP_GRPC_PORT=$OTLP_GRPC_PORT JAEGER_OTLP_HTTP_PORT=$OTLP_HTTP_PORT \
-        JAEGER_QUERY_GRPC_PORT=$QUERY_GRPC_PORT JAEGER_HEALTH_PORT=$HEALTH_PORT \
+        JAEGER_QUERY_GRPC_PORT=$QUERY_GRPC_PORT JAEGER_HEALTH_PORT=$HEALTH_PORT JAEGER_UI_ASSETS=$UI_DIR \
         setsid nohup "$BIN" --config "file:$CONFIG" >>"$LOG_FILE" 2>&1 </dev/null 8>&- 9>&- &
     pid=$!
     echo "$pid" >"$PID_FILE"

@@ -17,6 +17,7 @@ from shared import topics
 from shared.messages import DeadLetter
 from tests.e2e.harness import PORT_BASE, Stack, run_script
 from tests.e2e.test_pipeline import plain_dsn, wait_for_assignment
+from tests.trace_view import needs_node, rendered_rows, span_rows
 
 SERVICES = {"gateway", "router", "worker", "exporter"}
 
@@ -125,6 +126,32 @@ def test_one_request_is_one_trace_in_jaeger_with_intact_parent_links(stack: Stac
     inference = span_named(trace, "worker", "inference")
     tags = {tag["key"]: tag["value"] for tag in inference["tags"]}
     assert tags["autoglm.batch_size"] >= 1 and tags["autoglm.model"] == "tiny-light"
+
+
+def test_the_trace_view_jaeger_serves_lays_the_request_out_across_the_four_services(stack: Stack) -> None:
+    needs_node()
+    trace_id = ask(stack, "show me")
+    trace = wait_for_trace(stack, trace_id, REQUIRED)
+    page = httpx.get(f"{stack.infra.jaeger_url}/trace/{trace_id}", timeout=10)
+    assert page.status_code == 200 and "Open-AutoGLM traces" in page.text
+    assert httpx.get(f"{stack.infra.jaeger_url}/static/trace-view.mjs", timeout=10).status_code == 200
+
+    rows = span_rows(trace)
+    assert len(rows) == len(trace["spans"]) and {row["service"] for row in rows} >= SERVICES
+    assert (rows[0]["service"], rows[0]["operation"], rows[0]["depth"]) == ("gateway", "POST /v1/chat/completions", 0)
+    depth = {(row["service"], row["operation"]): row["depth"] for row in rows}
+    assert 0 < depth[("router", "route request")] < depth[("worker", "run job")] < depth[("worker", "inference")]
+    assert all(row["leftPct"] >= 0 and row["leftPct"] + row["widthPct"] <= 100.5 for row in rows)
+
+
+def test_the_trace_page_shows_the_request_in_a_browser(stack: Stack) -> None:
+    trace_id = ask(stack, "draw me")
+    trace = wait_for_trace(stack, trace_id, REQUIRED)
+    shown = rendered_rows(f"{stack.infra.jaeger_url}/trace/{trace_id}")
+    assert len(shown) == len(trace["spans"])
+    assert shown[0] == ("gateway", "POST /v1/chat/completions")
+    assert {service for service, _ in shown} >= SERVICES
+    assert ("exporter", "persist ChatResult") in shown
 
 
 async def stored_spans(stack: Stack, trace_id: str) -> dict[str, asyncpg.Record]:

@@ -162,8 +162,12 @@ def test_a_worker_log_line_inside_a_job_carries_its_trace_and_request_id() -> No
 @pytest.mark.parametrize(
     ("mode", "expected"),
     [
-        ("bus", "Traces       http://127.0.0.1:16686  (Jaeger UI and query API, stored in PostgreSQL table spans)"),
-        ("otlp", "Traces       http://127.0.0.1:16686  (Jaeger UI and query API)"),
+        (
+            "bus",
+            "Traces       http://127.0.0.1:16686"
+            "  (Jaeger: a request's trace at /trace/<its X-Trace-Id>, stored in PostgreSQL table spans)",
+        ),
+        ("otlp", "Traces       http://127.0.0.1:16686  (Jaeger: a request's trace at /trace/<its X-Trace-Id>)"),
         ("off", "Traces       off (telemetry.spans)"),
     ],
 )
