@@ -2,8 +2,9 @@
 
 Each family (requests, results, feedback, routing decisions, retries, dead letters, cancellations)
 has its own consumer group, so offsets are committed only after that family's rows are in
-PostgreSQL. A batch is written while the next one is parsed (one write in flight per family), and
-its offsets, exactly its own, are committed once its transaction has. While PostgreSQL is
+PostgreSQL. Batches go through a short pipeline: while one is written (one write in flight per
+family, in the order they came), the next ones are parsed and fetched; a batch's offsets, exactly
+its own, are committed once its transaction has. While PostgreSQL is
 unreachable the write is retried after a growing pause and nothing newer is written or committed
 (the exporter pauses, nothing is lost); once it is back the backlog is stored, and the unique keys
 drop whatever a redelivery repeats.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +59,11 @@ from shared.telemetry import record_context, timed_span
 
 logger = logging.getLogger(__name__)
 
+BATCHES_IN_FLIGHT = 3
+"""Per family, batches taken from Kafka and not yet stored: one being written, the next ones being parsed.
+Enough to keep the parsing process busy while a batch is written and the next is fetched; more would only
+hold memory (and records to read again after a crash)."""
+
 
 def families(settings: ExporterSettings) -> list[Family]:
     """Every topic family the exporter persists."""
@@ -96,7 +103,8 @@ class Backoff:
 
 
 class Persister:
-    """Stores the batches of each family: parse, build rows, write (one write in flight), commit its offsets."""
+    """Stores the batches of each family: parse, build rows, write (one write in flight, in order), commit
+    its offsets."""
 
     def __init__(
         self,
@@ -112,7 +120,7 @@ class Persister:
         self.metrics = metrics
         self.initial_backoff_s = max(settings.retries.backoff.initial_ms / 1000.0, 0.05)
         self.max_backoff_s = settings.exporter.max_backoff_s
-        self.writes: dict[str, asyncio.Task[None]] = {}  # per family, the batch being written
+        self.in_flight: dict[str, deque[asyncio.Task[None]]] = {}  # per family, its batches' tasks, oldest first
         self.commits: dict[str, asyncio.Task[None]] = {}  # per family, the last offsets being committed
         self.closing = False
 
@@ -135,18 +143,44 @@ class Persister:
             title=f"persist {family.name}",
         )
         async def persist(message: KafkaMessage) -> None:
-            records: tuple[ConsumerRecord, ...] = message.raw_message
-            parsed = await self.parser.rows(records, family)  # parsed while the previous batch is being written
-            await self.finish_write(family.name)
             if self.closing:
                 return  # not committed: the next exporter reads these records again
-            write = self.write(family, records, parsed, message.consumer, backoff)
-            self.writes[family.name] = asyncio.create_task(write, name=f"persist {family.name}")
+            records: tuple[ConsumerRecord, ...] = message.raw_message
+            await self.pipeline(family, records, message.consumer, backoff)
 
-    async def finish_write(self, name: str) -> None:
-        """Wait for a family's write in flight, if any (it never raises: it retries until stored)."""
-        if (write := self.writes.pop(name, None)) is not None:
-            await write
+    async def pipeline(
+        self, family: Family, records: tuple[ConsumerRecord, ...], consumer: Any, backoff: Backoff
+    ) -> None:
+        """Start parsing a batch now, and write it after the family's previous batch; return as soon as fewer
+        than BATCHES_IN_FLIGHT are unstored, so the next batch is fetched meanwhile."""
+        queue = self.in_flight.setdefault(family.name, deque())
+        parsing = asyncio.create_task(self.parser.rows(records, family))
+        previous = queue[-1] if queue else None
+        store = self.store_in_turn(family, records, parsing, previous=previous, consumer=consumer, backoff=backoff)
+        queue.append(asyncio.create_task(store, name=f"persist {family.name}"))
+        while len(queue) >= BATCHES_IN_FLIGHT or (queue and queue[0].done()):
+            # Raises only if parsing did (a bug): then no later batch of the family commits either, as
+            # that would claim this one's records.
+            await queue.popleft()
+
+    async def store_in_turn(
+        self,
+        family: Family,
+        records: tuple[ConsumerRecord, ...],
+        parsing: asyncio.Task[ParsedBatch],
+        *,
+        previous: asyncio.Task[None] | None,
+        consumer: Any,
+        backoff: Backoff,
+    ) -> None:
+        """Write a batch once it is parsed and the batch before it is stored (its offsets commit after
+        that batch's, as Kafka offsets must)."""
+        parsed = await parsing
+        if previous is not None:
+            await previous
+        if self.closing:
+            return  # not committed: the next exporter reads these records again
+        await self.write(family, records, parsed, consumer, backoff)
 
     async def start(self) -> None:
         """Before the first batch: start the processes that parse records."""
@@ -156,7 +190,7 @@ class Persister:
         """On shutdown: start no new write, and let those in flight commit (those still retrying are cancelled:
         their records are read again on restart); then stop the parsing processes."""
         self.closing = True
-        writes = list(self.writes.values())
+        writes = [task for queue in self.in_flight.values() for task in queue]
         if writes:
             _, unfinished = await asyncio.wait(writes, timeout=timeout_s)
             for write in unfinished:
