@@ -45,8 +45,11 @@ run: up models  ## the whole stack with local defaults; Ctrl-C stops it
 demo:  ## one chat completion against a running stack (with AUTOGLM_ADMIN_KEY or the key make run keeps in var/admin.key)
 	@key="$${AUTOGLM_ADMIN_KEY:-$$(cat $(AUTOGLM_VAR_DIR)/admin.key 2>/dev/null)}"; \
 	test -n "$$key" || { echo "no API key: start the stack with make run (it writes var/admin.key) or set AUTOGLM_ADMIN_KEY"; exit 1; }; \
-	curl -s 127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' -H "Authorization: Bearer $$key" \
-	  -d '{"model":"auto","messages":[{"role":"user","content":"hi"}]}'; echo
+	headers=$$(mktemp); \
+	curl -s -D "$$headers" 127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' -H "Authorization: Bearer $$key" \
+	  -d '{"model":"auto","messages":[{"role":"user","content":"hi"}]}'; echo; \
+	trace=$$(sed -n 's/^x-trace-id: *\([0-9a-f]*\).*/\1/ip' "$$headers"); rm -f "$$headers"; \
+	test -z "$$trace" || echo "its trace: $${AUTOGLM_TELEMETRY__TRACES_UI:-http://127.0.0.1:16686}/trace/$$trace"
 
 test: setup  ## every test: unit, in-memory handlers, end to end on real Kafka + PostgreSQL
 	$(PY) -m pytest
