@@ -213,9 +213,8 @@ async def test_spans_can_go_straight_to_jaeger_instead_of_the_bus(stack: Stack) 
     settings = {"AUTOGLM_TELEMETRY__SPANS": "otlp"}
     with stack.extra_gateway("gateway-otlp", port, instance=6, **settings):
         trace_id = await asyncio.to_thread(ask, stack, "direct", f"http://127.0.0.1:{port}")
-        trace = await asyncio.to_thread(
-            wait_for_trace, stack, trace_id, {"gateway:POST /v1/chat/completions", "exporter:persist ChatResult"}
-        )
+        # The other services' spans come through the bus, each at its own pace: wait for all of them.
+        trace = await asyncio.to_thread(wait_for_trace, stack, trace_id, REQUIRED)
     assert services_of(trace) >= SERVICES
     stored = await stored_spans(stack, trace_id)
     # The other services still use the bus; only this gateway's spans skipped PostgreSQL.
