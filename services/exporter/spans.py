@@ -9,6 +9,7 @@ safe in PostgreSQL, and the pipeline must not wait on Jaeger forever.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -42,14 +43,14 @@ STATUS_CODES = {value: name.removeprefix("STATUS_CODE_").lower() for name, value
 
 
 def any_value(value: AnyValue) -> Any:
-    """An OTLP attribute value as JSON."""
+    """An OTLP attribute value as JSON (bytes in base64, as OTLP's own JSON encoding and Jaeger give them)."""
     kind = value.WhichOneof("value")
     if kind == "array_value":
         return [any_value(item) for item in value.array_value.values]
     if kind == "kvlist_value":
         return attributes_of(value.kvlist_value.values)
     if kind == "bytes_value":
-        return value.bytes_value.hex()
+        return base64.b64encode(value.bytes_value).decode("ascii")
     return getattr(value, kind) if kind else None
 
 
