@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from aiokafka import ConsumerRecord
+import aiokafka
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, TopicPartition
 from faststream.kafka.annotations import KafkaMessage
@@ -158,9 +159,14 @@ class Entry:
 class RegistryView:
     """A reader's side: the latest card per key, minus tombstoned and stale ones."""
 
-    def __init__(self, clock: Clock = utcnow) -> None:
+    def __init__(self, clock: Clock = utcnow, *, replaying: bool = False) -> None:
         self.clock = clock
         self._entries: dict[str, Entry] = {}
+        self.replaying = replaying
+        """True while the cards already on the registry are still being read (a router starting): until then
+        an absent card says nothing. Cleared by `replay`."""
+        self.read_up_to = 0  # the offset after the last record taken in
+        self.record_read = asyncio.Event()
 
     def apply(self, key: str, card: ModelCard | None) -> None:
         """Take in one registry record: a card replaces the key's previous one, None removes it."""
@@ -178,6 +184,8 @@ class RegistryView:
 
     def apply_record(self, record: ConsumerRecord) -> None:
         """Take in a raw registry record; an empty value is a tombstone, a bad one is skipped."""
+        self.read_up_to = max(self.read_up_to, record.offset + 1)
+        self.record_read.set()
         if record.key is None:
             logger.warning("registry: ignoring a record without a key at offset %d", record.offset)
             return
@@ -191,6 +199,22 @@ class RegistryView:
             logger.warning("registry: ignoring an invalid card under %s: %s", key, error)
             return
         self.apply(key, card)
+
+    async def replay(self, bootstrap: str, timeout_s: float = 15.0) -> bool:
+        """Wait until every record the registry held when called has been taken in, then clear `replaying`.
+        False after `timeout_s` (e.g. the newest records were compacted away): the view is used as it is, and
+        the workers' next heartbeats complete it."""
+        try:
+            end = await registry_end_offset(bootstrap)
+            async with asyncio.timeout(timeout_s):
+                while self.read_up_to < end:
+                    self.record_read.clear()
+                    await self.record_read.wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self.replaying = False
 
     def cards(self) -> list[ModelCard]:
         """Every card still within its ttl, serving or draining; stale ones are forgotten."""
@@ -227,3 +251,15 @@ class RegistryView:
         async def receive_card(message: KafkaMessage) -> None:
             """Keep the latest card per key; a tombstone removes the key."""
             self.apply_record(message.raw_message)
+
+
+async def registry_end_offset(bootstrap: str) -> int:
+    """The offset the registry's next record will get."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)  # no group: it only asks
+    await consumer.start()
+    try:
+        partition = aiokafka.TopicPartition(topics.REGISTRY, 0)
+        ends: dict[aiokafka.TopicPartition, int] = await consumer.end_offsets([partition])
+        return ends[partition]
+    finally:
+        await consumer.stop()

@@ -21,6 +21,7 @@ from shared.settings import load_settings
 from shared.telemetry import setup_tracing
 
 SERVICE = "router"
+logger = logging.getLogger(__name__)
 
 
 def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
@@ -29,7 +30,7 @@ def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
     registry = CollectorRegistry()
     setup_tracing(SERVICE, settings, registry)
     broker = make_broker(settings, service=SERVICE, registry=registry)
-    registry_view = RegistryView()
+    registry_view = RegistryView(replaying=True)
     registry_view.subscribe(broker, title="model registry (router)")  # live pools: routing skips dead ones
     load = PoolLoad(settings)
     state = PoolState(settings, registry_view, load)
@@ -43,6 +44,10 @@ def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
         await ensure_topics(settings)
         await load.start()
 
+    async def read_registry() -> None:
+        if not await registry_view.replay(settings.kafka_bootstrap):
+            logger.warning("the model registry was not read to its end in time: routing with the cards read so far")
+
     async def install_scorer() -> None:
         use_scorer(await asyncio.to_thread(load_scorer, settings.router.scorer, settings.routing.threshold))
         tune_garbage_collector()  # the embedding model's objects too
@@ -51,6 +56,7 @@ def create_app(settings: RouterSettings | None = None) -> AsgiFastStream:
         broker,
         asgi_routes=ops_routes(SERVICE, registry, ready),
         on_startup=[create_topics_and_read_lag, install_scorer],
+        after_startup=[read_registry],  # the subscribers run by then
         on_shutdown=[load.stop],
         asyncapi_path="/asyncapi",
         logger=logging.getLogger(f"autoglm.app.{SERVICE}"),

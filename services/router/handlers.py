@@ -49,7 +49,8 @@ class PoolState:
 
     async def view(self) -> PoolView:
         """A snapshot for one batch; a pool without live cards (while others have some) opens its breaker."""
-        live = self.registry.live_pools() or None  # no card anywhere: trust the configuration (e.g. at start)
+        # Still reading the registry (just started), or no card anywhere: trust the configuration.
+        live = None if self.registry.replaying else (self.registry.live_pools() or None)
         for pool, breaker in self.breakers.items():
             if live is not None and pool not in live:
                 breaker.mark_unavailable()

@@ -16,9 +16,11 @@ import httpx
 import openai
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from faststream.kafka import KafkaBroker
 
 from shared import topics
 from shared.messages import ModelCard, utcnow
+from shared.registry import RegistryView
 from tests.e2e.harness import Service, Stack
 
 Snapshot = dict[str, ModelCard | None]
@@ -148,6 +150,21 @@ async def test_every_worker_publishes_a_live_card_per_model(stack: Stack) -> Non
     # batch sizes and contexts from the deployment file: light 32 / 512, heavy 16 / 1024
     assert (light.max_batch_size, light.max_context_tokens) == (32, 512)
     assert (heavy.max_batch_size, heavy.max_context_tokens) == (16, 1024)
+
+
+async def test_a_view_replayed_at_start_holds_every_live_card_once_replay_returns(stack: Stack) -> None:
+    broker = KafkaBroker(stack.infra.kafka_bootstrap)
+    view = RegistryView(replaying=True)  # as a starting router reads it
+    view.subscribe(broker)
+    await broker.start()
+    try:
+        assert await view.replay(stack.infra.kafka_bootstrap)
+        replayed = {card.key for card in view.live_models()}
+    finally:
+        await broker.stop()
+    assert not view.replaying
+    expected = {card.key for card in live(await registry_snapshot(stack))}
+    assert replayed == expected and len(expected) >= 2  # light and heavy, at least
 
 
 async def test_models_endpoint_lists_the_live_models(stack: Stack) -> None:

@@ -9,6 +9,9 @@ from aiokafka import ConsumerRecord
 from pydantic import ValidationError
 
 from services.gateway.models import find_model, list_models
+from services.router.config import RouterSettings
+from services.router.handlers import PoolState
+from services.router.load import PoolLoad
 from services.worker.app import model_card
 from services.worker.backends.base import BackendInfo
 from services.worker.config import WorkerSettings
@@ -210,3 +213,20 @@ def test_a_worker_card_joins_configuration_and_backend_info(engine_limit: int | 
     assert made.max_batch_size == expected and made.max_context_tokens == 512
     assert [s.name for s in made.inputs] == ["messages"] and [s.name for s in made.outputs] == ["choices"]
     assert made.schema_version == 1 and "request_id" not in made.model_dump()
+
+
+async def test_a_starting_router_trusts_its_configuration_until_the_registry_is_read(
+    router_settings: RouterSettings, clock: FakeClock
+) -> None:
+    registry = RegistryView(clock=clock, replaying=True)
+    light = card()
+    registry.apply_record(record(light.key.encode(), light.model_dump_json().encode(), offset=0))
+    state = PoolState(router_settings, registry, PoolLoad(router_settings))
+
+    view = await state.view()  # heavy's card may be the next record: its absence says nothing yet
+    assert view.live_pools is None and state.breakers["heavy"].state == "closed"
+    assert registry.read_up_to == 1
+
+    registry.replaying = False  # read to the end: heavy really has no card
+    view = await state.view()
+    assert view.live_pools == {"light"} and state.breakers["heavy"].state == "open"
