@@ -53,11 +53,11 @@ def span_rows(trace: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def rendered_rows(url: str) -> list[tuple[str, str]]:
-    """(service, operation) of each waterfall row the page at `url` shows once its scripts have run."""
+def rendered_page(url: str) -> str:
+    """The page at `url` as headless Chromium has it once its scripts have run (its DOM, serialised)."""
     if CHROMIUM is None:
         pytest.skip(
-            "chromium is not installed: the trace page is checked in headless Chromium (apt-get install chromium)"
+            "chromium is not installed: the trace view is checked in headless Chromium (apt-get install chromium)"
         )
     with tempfile.TemporaryDirectory() as profile:
         done = subprocess.run(
@@ -65,5 +65,10 @@ def rendered_rows(url: str) -> list[tuple[str, str]]:
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    labels = re.findall(r'<div class="label"[^>]*><span class="service"[^>]*>([^<]*)</span>([^<]*)</div>', done.stdout)
+    return done.stdout
+
+
+def waterfall_rows(page: str) -> list[tuple[str, str]]:
+    """(service, operation) of each row of a trace page's waterfall."""
+    labels = re.findall(r'<div class="label"[^>]*><span class="service"[^>]*>([^<]*)</span>([^<]*)</div>', page)
     return [(unescape(service), unescape(operation).strip()) for service, operation in labels]

@@ -17,7 +17,7 @@ from shared import topics
 from shared.messages import DeadLetter
 from tests.e2e.harness import PORT_BASE, Stack, run_script
 from tests.e2e.test_pipeline import plain_dsn, wait_for_assignment
-from tests.trace_view import needs_node, rendered_rows, span_rows
+from tests.trace_view import needs_node, rendered_page, span_rows, waterfall_rows
 
 SERVICES = {"gateway", "router", "worker", "exporter"}
 
@@ -144,10 +144,13 @@ def test_the_trace_view_jaeger_serves_lays_the_request_out_across_the_four_servi
     assert all(row["leftPct"] >= 0 and row["leftPct"] + row["widthPct"] <= 100.5 for row in rows)
 
 
-def test_the_trace_page_shows_the_request_in_a_browser(stack: Stack) -> None:
+def test_the_trace_view_shows_the_request_in_a_browser(stack: Stack) -> None:
     trace_id = ask(stack, "draw me")
     trace = wait_for_trace(stack, trace_id, REQUIRED)
-    shown = rendered_rows(f"{stack.infra.jaeger_url}/trace/{trace_id}")
+    found = rendered_page(f"{stack.infra.jaeger_url}/search?service=gateway&lookback=15m&limit=1000")
+    assert f'href="trace/{trace_id}"' in found  # the search lists it, linked to its trace page
+
+    shown = waterfall_rows(rendered_page(f"{stack.infra.jaeger_url}/trace/{trace_id}"))
     assert len(shown) == len(trace["spans"])
     assert shown[0] == ("gateway", "POST /v1/chat/completions")
     assert {service for service, _ in shown} >= SERVICES

@@ -54,10 +54,12 @@ function serviceBadge(service) {
   return el("span", { class: "service", style: { borderColor: colourOf(service) } }, service);
 }
 
+const LOOKBACK_US = { "15m": 15 * 60e6, "1h": 3600e6, "6h": 6 * 3600e6, "24h": 24 * 3600e6 };
+
 async function searchPage(params) {
   const services = (await api("api/services")).filter((name) => name !== "jaeger").sort();
   const service = params.get("service") || (services.includes("gateway") ? "gateway" : services[0]);
-  const lookback = params.get("lookback") || "1h";
+  const lookback = LOOKBACK_US[params.get("lookback")] ? params.get("lookback") : "1h";
   const limit = params.get("limit") || "20";
   const form = el(
     "form",
@@ -65,7 +67,7 @@ async function searchPage(params) {
     el("label", {}, "service ", el("select", { name: "service" },
       ...services.map((name) => el("option", name === service ? { selected: "" } : {}, name)))),
     el("label", {}, " last ", el("select", { name: "lookback" },
-      ...["15m", "1h", "6h", "24h"].map((span) => el("option", span === lookback ? { selected: "" } : {}, span)))),
+      ...Object.keys(LOOKBACK_US).map((span) => el("option", span === lookback ? { selected: "" } : {}, span)))),
     el("label", {}, " limit ", el("input", { name: "limit", value: limit, size: "4" })),
     el("button", {}, "Find traces"),
   );
@@ -74,7 +76,9 @@ async function searchPage(params) {
     page.append(el("p", { class: "muted" }, "No service has sent spans yet."));
     return;
   }
-  const query = new URLSearchParams({ service, lookback, limit });
+  // The query API takes a time range in µs (it has no lookback for traces).
+  const endUs = Date.now() * 1000;
+  const query = new URLSearchParams({ service, limit, start: endUs - LOOKBACK_US[lookback], end: endUs });
   const traces = (await api(`api/traces?${query}`)).map(traceSummary).sort((a, b) => b.startUs - a.startUs);
   const table = el("table", { class: "traces" },
     el("tr", {}, ...["started", "root span", "services", "spans", "errors", "duration"].map((h) => el("th", {}, h))));
