@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 
 import aiokafka
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka.errors import KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, TopicPartition
 from faststream.kafka.annotations import KafkaMessage
@@ -202,16 +203,16 @@ class RegistryView:
 
     async def replay(self, bootstrap: str, timeout_s: float = 15.0) -> bool:
         """Wait until every record the registry held when called has been taken in, then clear `replaying`.
-        False after `timeout_s` (e.g. the newest records were compacted away): the view is used as it is, and
-        the workers' next heartbeats complete it."""
+        False after `timeout_s` (e.g. the newest records were compacted away) or when Kafka cannot say where the
+        registry ends: the view is used as it is, and the workers' next heartbeats complete it."""
         try:
-            end = await registry_end_offset(bootstrap)
             async with asyncio.timeout(timeout_s):
+                end = await registry_end_offset(bootstrap)
                 while self.read_up_to < end:
                     self.record_read.clear()
                     await self.record_read.wait()
             return True
-        except TimeoutError:
+        except (TimeoutError, KafkaError):
             return False
         finally:
             self.replaying = False

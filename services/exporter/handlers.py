@@ -4,10 +4,10 @@ Each family (requests, results, feedback, routing decisions, retries, dead lette
 has its own consumer group, so offsets are committed only after that family's rows are in
 PostgreSQL. Batches go through a short pipeline: while one is written (one write in flight per
 family, in the order they came), the next ones are parsed and fetched; a batch's offsets, exactly
-its own, are committed once its transaction has. While PostgreSQL is
-unreachable the write is retried after a growing pause and nothing newer is written or committed
-(the exporter pauses, nothing is lost); once it is back the backlog is stored, and the unique keys
-drop whatever a redelivery repeats.
+its own, are committed once its transaction has. While PostgreSQL is unreachable the write is
+retried after a growing pause and nothing newer is written or committed (the exporter pauses,
+nothing is lost); once it is back the backlog is stored, and the unique keys drop whatever a
+redelivery repeats.
 """
 
 from __future__ import annotations

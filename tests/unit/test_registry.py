@@ -230,3 +230,9 @@ async def test_a_starting_router_trusts_its_configuration_until_the_registry_is_
     registry.replaying = False  # read to the end: heavy really has no card
     view = await state.view()
     assert view.live_pools == {"light"} and state.breakers["heavy"].state == "open"
+
+
+async def test_a_replay_that_cannot_reach_kafka_gives_up_and_uses_the_view_as_it_is() -> None:
+    registry = RegistryView(replaying=True)
+    assert not await registry.replay("127.0.0.1:9", timeout_s=5)  # nothing listens on port 9
+    assert not registry.replaying
