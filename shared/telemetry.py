@@ -6,6 +6,11 @@
 - `otlp`: the same processor with the OTLP/HTTP exporter, straight to `telemetry.otlp_endpoint`.
 - `off`: spans are made (so trace ids exist and travel in Kafka headers) but go nowhere.
 
+Spans are per request. FastStream's consume span for a whole batch (router, workers) is not exported:
+a batch of many requests belongs to no one trace, so it would only list a trace of its own beside
+theirs; each request's share of the batch is a span in its own trace (`route request`, `run job`),
+and anything the batch handler publishes outside those runs `in_trace` of its record.
+
 Export never slows request handling: spans wait in the processor's bounded queue and leave from its
 own thread; when the queue is full or a send fails, spans are dropped and counted.
 """
@@ -16,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
@@ -40,6 +45,7 @@ logger = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 10.0  # a publish that takes longer is counted as failed; the export thread moves on
 # Where FastStream names the topic of a publish span, and of a consume span.
 DESTINATION_ATTRIBUTES = ("messaging.destination.name", "messaging.destination_publish.name")
+BATCH_COUNT_ATTRIBUTE = "messaging.batch.message_count"  # FastStream sets it on a batch's spans
 
 
 class ExportStats:
@@ -138,7 +144,8 @@ class CountingExporter(SpanExporter):
 
 
 class ExportingProcessor(SpanProcessor):
-    """A BatchSpanProcessor that leaves out the spans topic's own traffic and counts what it drops.
+    """A BatchSpanProcessor that leaves out the spans topic's own traffic and batch consume spans, and
+    counts what it drops.
 
     Consuming `autoglm.spans` must make no span, or the spans of storing spans would be stored in
     turn, forever.
@@ -160,7 +167,7 @@ class ExportingProcessor(SpanProcessor):
         return None
 
     def on_end(self, span: ReadableSpan) -> None:
-        if is_spans_traffic(span):
+        if is_spans_traffic(span) or is_batch_consume(span):
             return
         with self._lock:
             if self.pending >= self.max_queue_size:  # the batch processor would drop it silently
@@ -204,6 +211,11 @@ def is_spans_traffic(span: ReadableSpan) -> bool:
     """True for a span about publishing to or consuming from the spans topic."""
     attributes = span.attributes or {}
     return any(attributes.get(key) == topics.SPANS for key in DESTINATION_ATTRIBUTES)
+
+
+def is_batch_consume(span: ReadableSpan) -> bool:
+    """True for FastStream's span of consuming a whole batch (it starts a trace of its own)."""
+    return span.kind is trace.SpanKind.CONSUMER and BATCH_COUNT_ATTRIBUTE in (span.attributes or {})
 
 
 class StatsCollector(Collector):
@@ -266,6 +278,17 @@ def record_context(record: ConsumerRecord) -> otel_context.Context:
     """The trace context a Kafka record carries in its W3C `traceparent` header."""
     headers = {key: value.decode("latin-1") for key, value in record.headers or ()}
     return propagate.extract(headers)
+
+
+@contextlib.contextmanager
+def in_trace(parent: otel_context.Context) -> Iterator[None]:
+    """Make `parent` the current context, so the spans (and the trace headers of publishes) made inside
+    belong to its trace."""
+    token = otel_context.attach(parent)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 def timed_span(

@@ -14,7 +14,7 @@ from aiokafka import ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, TopicPartition
 from faststream.kafka.annotations import KafkaMessage
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
@@ -29,6 +29,7 @@ from shared.logging import bound_request_id
 from shared.messages import ChatRequest, ChatResult, ErrorInfo, RoutedJob
 from shared.registry import RegistryView
 from shared.settings import CommonSettings
+from shared.telemetry import in_trace, record_context
 
 logger = logging.getLogger(__name__)
 TRACER = trace.get_tracer(__name__)
@@ -149,8 +150,7 @@ async def route_batch(
 async def traced(record: ConsumerRecord, work: Awaitable[None]) -> None:
     """Run `work` in a span continuing the record's trace: a batch has no single trace of its own, and the
     job published inside carries this one on to the worker."""
-    headers = {key: value.decode("latin-1") for key, value in record.headers or ()}
-    with TRACER.start_as_current_span("route request", context=propagate.extract(headers), kind=SpanKind.CONSUMER):
+    with TRACER.start_as_current_span("route request", context=record_context(record), kind=SpanKind.CONSUMER):
         await work
 
 
@@ -163,9 +163,10 @@ async def parse_requests(
         try:
             requests.append((record, ChatRequest.model_validate_json(record.value)))
         except ValidationError as error:
-            await publish_dead_letter(
-                broker, service="router", source_topic=record.topic, body=record.value, error=error
-            )
+            with in_trace(record_context(record)):
+                await publish_dead_letter(
+                    broker, service="router", source_topic=record.topic, body=record.value, error=error
+                )
     return requests
 
 

@@ -31,6 +31,7 @@ from shared.cancellation import CancelledRequests
 from shared.kafka import FETCH_MAX_WAIT_MS, publish_dead_letter, publish_result, rewind
 from shared.messages import RoutedJob
 from shared.settings import Batching, RetryConfig
+from shared.telemetry import in_trace, record_context
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def register_handlers(
 
     async def run_and_settle(records: tuple[ConsumerRecord, ...]) -> None:
         jobs = await parse_jobs(broker, records)
-        relay = StreamRelay(broker, [job for job, _, _ in jobs])
+        relay = StreamRelay(broker, [(job, record) for job, _, record in jobs])
         taken_ns = time.time_ns()
         outcomes = await run_batch([job for job, _, _ in jobs], models, cancelled, relay)
         await relay.flush()  # every chunk before its result, on the same partition
@@ -232,7 +233,8 @@ async def parse_jobs(
             job = RoutedJob.model_validate_json(record.value)
             jobs.append((job, header_int(record, ATTEMPT_HEADER, 1), record))
         except ValidationError as error:
-            await publish_dead_letter(
-                broker, service=SERVICE, source_topic=record.topic, body=record.value, error=error
-            )
+            with in_trace(record_context(record)):
+                await publish_dead_letter(
+                    broker, service=SERVICE, source_topic=record.topic, body=record.value, error=error
+                )
     return jobs

@@ -5,7 +5,7 @@ send at a time; deltas that arrive while a send is in flight are joined into the
 slow broker means fewer, larger chunks rather than a growing queue. Every chunk is sent before the
 request's result (the batch flushes its streams first), and all go to the same partition, so the
 gateway reads them in order. A chunk that cannot be sent is dropped with a warning: the result still
-carries the whole text.
+carries the whole text. Chunks are published in their job's trace (its record's context), not the batch's.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import asyncio
 import logging
 import uuid
 
+from aiokafka import ConsumerRecord
 from faststream.kafka import KafkaBroker
 
 from shared.messages import ChatChunk, RoutedJob
+from shared.telemetry import in_trace, record_context
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +26,11 @@ logger = logging.getLogger(__name__)
 class ChunkSender:
     """Publishes one request's deltas as numbered chunks of one run (`stream_id`)."""
 
-    def __init__(self, broker: KafkaBroker, job: RoutedJob) -> None:
+    def __init__(self, broker: KafkaBroker, job: RoutedJob, record: ConsumerRecord) -> None:
         assert job.request.reply_to is not None
         self.broker = broker
         self.job = job
+        self.trace = record_context(record)
         self.route = job.request.reply_to
         self.stream_id = uuid.uuid4().hex
         self.seq = 0
@@ -56,9 +59,10 @@ class ChunkSender:
             )
             self.seq += 1
             try:
-                await self.broker.publish(
-                    chunk, self.route.topic, partition=self.route.partition, key=self.job.request_id.encode()
-                )
+                with in_trace(self.trace):
+                    await self.broker.publish(
+                        chunk, self.route.topic, partition=self.route.partition, key=self.job.request_id.encode()
+                    )
             except Exception as error:
                 logger.warning(
                     "a chunk of %s was not sent (%s); its result will carry the text", chunk.request_id, error
@@ -68,8 +72,8 @@ class ChunkSender:
 class StreamRelay:
     """The `on_delta` of a batch: routes each delta to its request's sender."""
 
-    def __init__(self, broker: KafkaBroker, jobs: list[RoutedJob]) -> None:
-        self.senders = {job.request_id: ChunkSender(broker, job) for job in jobs if wants_stream(job)}
+    def __init__(self, broker: KafkaBroker, jobs: list[tuple[RoutedJob, ConsumerRecord]]) -> None:
+        self.senders = {job.request_id: ChunkSender(broker, job, record) for job, record in jobs if wants_stream(job)}
 
     def __call__(self, request_id: str, delta: str) -> None:
         if (sender := self.senders.get(request_id)) is not None:

@@ -128,6 +128,59 @@ def test_one_request_is_one_trace_in_jaeger_with_intact_parent_links(stack: Stac
     assert tags["autoglm.batch_size"] >= 1 and tags["autoglm.model"] == "tiny-light"
 
 
+def ask_streamed(stack: Stack, content: str) -> str:
+    """One streamed chat completion through the gateway, read to its end; returns its trace id."""
+    body = {"model": "tiny-light", "messages": [{"role": "user", "content": content}], "max_tokens": 8, "stream": True}
+    url = f"{stack.gateway_url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=stack.auth_headers, timeout=90) as response:
+        assert response.status_code == 200, response.read()
+        assert "data: [DONE]" in "".join(response.iter_text())
+        return response.headers["X-Trace-Id"]
+
+
+def orphans(trace: dict[str, Any]) -> list[str]:
+    """Spans whose parent is not in the trace (a trace that is not one tree)."""
+    ids = {span["spanID"] for span in trace["spans"]}
+    return [span["operationName"] for span in trace["spans"] if parent_of(span) not in ids | {None}]
+
+
+def jaeger_traces(stack: Stack, service: str, start_us: int) -> list[dict[str, Any]]:
+    """Every trace Jaeger has with a span of `service` since `start_us`."""
+    query = {"service": service, "start": start_us, "end": int(time.time() * 1e6), "limit": 1000}
+    response = httpx.get(f"{stack.infra.jaeger_url}/api/traces", params=query, timeout=30)
+    response.raise_for_status()
+    return list(response.json()["data"] or [])
+
+
+def test_a_streamed_request_is_one_tree_and_no_batch_lists_a_trace_of_its_own(stack: Stack) -> None:
+    start_us = int(time.time() * 1e6)
+    trace_id = ask_streamed(stack, "stream me")
+    deadline = time.monotonic() + 60
+    while orphans(trace := wait_for_trace(stack, trace_id, REQUIRED)):  # each service's spans come at their pace
+        assert time.monotonic() < deadline, f"{orphans(trace)} have parents that are not in trace {trace_id}"
+        time.sleep(0.5)
+    assert [span["operationName"] for span in trace["spans"] if parent_of(span) is None] == [
+        "POST /v1/chat/completions"
+    ]
+    # The chunks the worker streamed are published in the request's trace (not the batch's): at least
+    # one besides the result's.
+    reply_publishes = [span for span in trace["spans"] if span["operationName"] == f"{topics.REPLIES} publish"]
+    assert len(reply_publishes) >= 2, sorted(span["operationName"] for span in trace["spans"])
+
+    # The router and the worker consumed the request in batches; no batch has a trace of its own.
+    for service in ("router", "worker"):
+        traces = jaeger_traces(stack, service, start_us)
+        assert trace_id in {item["traceID"] for item in traces}
+        for item in traces:
+            batch_spans = [
+                span["operationName"]
+                for span in item["spans"]
+                if {tag["key"] for tag in span["tags"]} >= {"messaging.batch.message_count"}
+                and {"key": "span.kind", "type": "string", "value": "consumer"} in span["tags"]
+            ]
+            assert not batch_spans, f"{service}: trace {item['traceID']} holds batch spans {batch_spans}"
+
+
 def test_the_trace_view_jaeger_serves_lays_the_request_out_across_the_four_services(stack: Stack) -> None:
     needs_node()
     trace_id = ask(stack, "show me")

@@ -96,6 +96,21 @@ def test_the_spans_topics_own_traffic_is_never_exported() -> None:
     processor.shutdown()
 
 
+def test_a_batch_consume_span_is_not_exported_but_a_batch_publish_and_a_single_consume_are() -> None:
+    recording, stats = Recording(), ExportStats()
+    processor = ExportingProcessor(recording, TelemetryConfig(schedule_delay_ms=10), stats)
+    tracer = provider_with(processor).get_tracer("test")
+    batch = {"messaging.batch.message_count": 3, "messaging.destination_publish.name": topics.REQUESTS}
+    tracer.start_span("autoglm.requests create", kind=SpanKind.CONSUMER, attributes=batch).end()
+    tracer.start_span("autoglm.requests process", kind=SpanKind.CONSUMER, attributes=batch).end()
+    tracer.start_span("autoglm.results publish", kind=SpanKind.PRODUCER, attributes=batch).end()
+    tracer.start_span("autoglm.results process", kind=SpanKind.CONSUMER, attributes={"x": 1}).end()
+    processor.force_flush()
+    assert [span.name for span in recording.spans] == ["autoglm.results publish", "autoglm.results process"]
+    assert stats.dropped == {"queue_full": 0, "export_failed": 0}  # left out on purpose, not lost
+    processor.shutdown()
+
+
 def test_a_full_queue_drops_spans_and_counts_them_without_blocking() -> None:
     recording, stats = Recording(), ExportStats()
     config = TelemetryConfig(max_queue_size=16, max_export_batch_size=16, schedule_delay_ms=10)
